@@ -1,0 +1,152 @@
+"""Configuration: one small dataclass per component, and EngineArgs that builds them.
+
+``EngineArgs`` is the user-facing bag of options (the ``LLM(...)`` keywords and
+the CLI flags); each component receives only its own config.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    model: str | None  # HF directory, .gguf file, or None for the default model
+    load_format: str = "auto"  # auto | hf | gguf | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int | None = None  # None: from the model's config
+    seed: int = 0
+    tokenizer: str | None = None
+    hf_config: Any = None  # filled by the loader: a transformers PretrainedConfig
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None  # override profiling (tests, benchmarks)
+    cpu_kv_cache_gib: float = 1.0  # KV cache budget when running on the CPU
+    swap_space: float = 4.0  # GiB of CPU memory for swapped-out blocks
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    policy: str = "fcfs"  # fcfs | priority
+    preemption_mode: str = "recompute"  # recompute | swap
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto | torch | triton
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    cpu_kv_cache_gib: float = 1.0
+    swap_space: float = 4.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    device: str = "auto"
+    enforce_eager: bool = False
+    attention_backend: str = "auto"
+    served_model_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.load_format not in ("auto", "hf", "gguf", "dummy"):
+            raise ValueError(f"load_format must be auto, hf, gguf or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    # ---- component configs -------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            model=self.model, load_format=self.load_format, dtype=self.dtype,
+            max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization, num_gpu_blocks=self.num_gpu_blocks_override,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib, swap_space=self.swap_space,
+        )
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+            policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
+        )
+
+    def device_config(self) -> DeviceConfig:
+        return DeviceConfig(device=self.device, enforce_eager=self.enforce_eager,
+                            attention_backend=self.attention_backend)
+
+    # ---- CLI ---------------------------------------------------------------
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+        if model_positional:
+            parser.add_argument("model_tag", nargs="?", default=None, help="model (HF dir or .gguf)")
+        parser.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2)")
+        parser.add_argument("--tokenizer", default=None)
+        parser.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
+        parser.add_argument("--dtype", default="auto")
+        parser.add_argument("--max-model-len", type=int, default=None)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--block-size", type=int, default=16)
+        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+        parser.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
+        parser.set_defaults(enable_prefix_caching=True)
+        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+        parser.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
+        parser.add_argument("--swap-space", type=float, default=4.0)
+        parser.add_argument("--max-num-seqs", type=int, default=256)
+        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+        parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+        parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        parser.add_argument("--enforce-eager", action="store_true")
+        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--served-model-name", default=None)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in vars(ns).items() if k in names}
+        if getattr(ns, "model_tag", None):
+            kwargs["model"] = ns.model_tag
+        return cls(**kwargs)
