@@ -1,0 +1,77 @@
+"""Messages between the scheduler and the model runner (plain dataclasses, no torch).
+
+The scheduler sends a diff: full data the first time a request is scheduled
+(NewRequestData), then only what changed (CachedRequestData). The runner keeps
+its own per-request state, so a decode step ships a few integers per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    # Tokens already generated: non-empty when a request is first sent to a
+    # runner after being preempted and recomputed elsewhere.
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    resumed_from_preemption: bool
+    new_block_ids: list[int]  # appended to the table; the whole table when resumed
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    finished_req_ids: set[str]  # runner may drop these requests' state
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class LogprobsLists:
+    """Per sampled token: [sampled id, top-1 .. top-k ids], their logprobs, and the sampled token's rank."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]
+    # Per request, in req_ids order: the tokens sampled this step (empty while a
+    # prompt is still being prefilled in chunks).
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Per request, for the prompt positions computed this step (prompt_logprobs).
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request, for the engine to turn into user output."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: LogprobsLists | None = None
+    new_prompt_logprobs: LogprobsLists | None = None
+    finished: bool = False

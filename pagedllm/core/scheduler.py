@@ -1,0 +1,240 @@
+"""Scheduler: continuous batching with one token budget per step.
+
+Each step spends ``max_num_batched_tokens`` first on running requests (a decode
+costs 1 token, an unfinished prompt the rest of it), then on waiting ones. A
+prompt longer than what is left of the budget is prefilled in chunks over several
+steps. When the KV cache runs out of blocks the lowest-priority running request
+(FCFS: the newest) is preempted: its blocks are freed and it goes back to the
+front of the waiting queue, to be recomputed later (its prefix may still hit the
+prefix cache).
+
+    waiting ──schedule()──► running ──update_from_output()──► finished
+       ▲                        │
+       └──── preempted ◄────────┘  (out of blocks)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.outputs import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    RequestUpdate,
+    SchedulerOutput,
+)
+from pagedllm.core.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+        self.config = config
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, self.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the runner has state for; a preempted one is re-sent as resumed.
+        self._sent_to_runner: set[str] = set()
+        self._finished_since_last_step: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- admission ---------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raise ValueError if it could never be served."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        max_len = self.config.max_model_len
+        if request.num_prompt_tokens == 0:
+            raise ValueError("prompt must contain at least one token")
+        if request.max_tokens is None:
+            request.max_tokens = max(max_len - request.num_prompt_tokens, 1)
+        total = request.num_prompt_tokens + request.max_tokens
+        if request.num_prompt_tokens >= max_len or total > max_len:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) is "
+                f"{total}, over the model's maximum context length of {max_len} tokens")
+        num_blocks_needed = -(-total // self.block_size)
+        if num_blocks_needed > self.kv_cache_manager.num_blocks:
+            raise ValueError(
+                f"prompt plus max_tokens ({total} tokens) needs {num_blocks_needed} KV cache blocks but the "
+                f"cache only has {self.kv_cache_manager.num_blocks}; lower max_tokens")
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        if self.config.policy == "priority":
+            # Keep waiting sorted by (priority, arrival): lower values run first.
+            key = (request.priority, request.arrival_time)
+            idx = next((i for i, r in enumerate(self.waiting) if (r.priority, r.arrival_time) > key),
+                       len(self.waiting))
+            self.waiting.insert(idx, request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    # ---- one step ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: set[str] = set()
+        scheduled_running: list[Request] = []
+
+        # 1. Running requests first (decodes and unfinished chunked prefills).
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self._allocate_or_preempt(req, num_new, preempted)
+            if new_blocks is None:  # req itself was preempted
+                continue
+            scheduled_running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(self._cached_data(req, new_blocks))
+            idx += 1
+
+        # 2. Waiting requests, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            if req.request_id in self._sent_to_runner:
+                cached_reqs.append(CachedRequestData(
+                    req.request_id, True, self.kv_cache_manager.get_block_ids(req.request_id), num_hit))
+            else:
+                self._sent_to_runner.add(req.request_id)
+                new_reqs.append(NewRequestData(
+                    req.request_id, req.prompt_token_ids, req.sampling_params,
+                    self.kv_cache_manager.get_block_ids(req.request_id), num_hit, list(req.output_token_ids)))
+
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_req_ids=self._finished_since_last_step,
+            preempted_req_ids=preempted,
+        )
+        self._finished_since_last_step = set()
+        return out
+
+    def _cached_data(self, req: Request, new_blocks: list) -> CachedRequestData:
+        return CachedRequestData(req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens)
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: set[str]) -> list | None:
+        """Allocate blocks for `req`, preempting lower-priority running requests as needed.
+
+        Returns the new blocks, or None if `req` itself had to be preempted."""
+        while True:
+            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self._pick_victim()
+            self._preempt(victim)
+            preempted.add(victim.request_id)
+            if victim is req:
+                return None
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv_cache_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(req, front=True)
+
+    # ---- results -----------------------------------------------------------
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Advance each scheduled request, append sampled tokens, and finish those that stop."""
+        updates: list[RequestUpdate] = []
+        sampled = dict(zip(runner_out.req_ids, runner_out.sampled_token_ids))
+        for req_id, n in sched_out.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            new_ids = sampled.get(req_id, [])
+            if new_ids:
+                req.append_output_token_ids(new_ids)
+                status = self._check_stop(req)
+                if status is not None:
+                    self._finish(req, status)
+            prompt_lp = runner_out.prompt_logprobs.get(req_id)
+            if new_ids or prompt_lp is not None or req.is_finished():
+                updates.append(RequestUpdate(req_id, new_ids, runner_out.logprobs.get(req_id), prompt_lp,
+                                             req.is_finished()))
+        return updates
+
+    def _check_stop(self, req: Request) -> RequestStatus | None:
+        params = req.sampling_params
+        last = req.output_token_ids[-1]
+        if req.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and last == req.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if last in params.all_stop_token_ids:
+                req.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish requests from outside (abort, stop string); frees their blocks at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        done = []
+        for req_id in request_ids:
+            req = self.requests.get(req_id)
+            if req is None or req.is_finished():
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, status)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        req.status = status
+        self.kv_cache_manager.forget(req)
+        self._sent_to_runner.discard(req.request_id)
+        self._finished_since_last_step.add(req.request_id)
+
+    def free_finished(self, request_id: str) -> None:
+        """Forget a finished request once its output has been delivered."""
+        self.requests.pop(request_id, None)
+
+    # ---- introspection -----------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)

@@ -1,0 +1,37 @@
+"""Executor: runs the workers. Today one worker in this process; tensor-parallel
+(multiprocess) and Ray executors implement the same three calls."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+
+
+class Executor(ABC):
+    @abstractmethod
+    def determine_num_blocks(self) -> int: ...
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int) -> None: ...
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 device_config: DeviceConfig) -> None:
+        from pagedllm.worker.worker import Worker
+
+        self.worker = Worker(model_config, cache_config, scheduler_config, device_config)
+
+    def determine_num_blocks(self) -> int:
+        return self.worker.determine_num_blocks()
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.worker.initialize_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)

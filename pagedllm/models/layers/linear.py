@@ -1,0 +1,126 @@
+"""Linear layers shaped for tensor parallelism, and the weight loaders that fill them.
+
+Weights are stored as HF stores them, ``(output_size, input_size)``. Each
+parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)``
+that copies this worker's slice of a full checkpoint tensor into it, so a
+model's ``load_weights`` never needs to know how a parameter is split:
+
+    ColumnParallelLinear         output dim split across workers (no communication)
+    ├── MergedColumnParallelLinear   several outputs in one matmul (gate_proj + up_proj)
+    └── QKVParallelLinear            q_proj + k_proj + v_proj, split by heads
+    RowParallelLinear            input dim split; partial sums all-reduced
+
+With one worker (the default) every split is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get_tp_size
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a checkpoint tensor into (a view of) a parameter, refusing silent broadcasting."""
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class LinearBase(nn.Module):
+    """``y = x @ W.T + b``; ``tp_dim`` is the weight dimension split across workers (None: replicated)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_dim = tp_dim
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        # Take this worker's slice along tp_dim; a row-parallel bias (1-D) is not split.
+        if self.tp_dim is not None and self.tp_size > 1 and self.tp_dim < loaded_weight.dim():
+            loaded_weight = loaded_weight.chunk(self.tp_size, self.tp_dim)[self.tp_rank]
+        copy_weight(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every worker holds the whole weight."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias, tp_dim=None)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Each worker computes a slice of the outputs; the result stays split."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, divide(output_size, get_tp_size(), "output size"), bias, tp_dim=0)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel linears of the same input fused into one matmul (e.g. gate_up_proj).
+
+    ``shard_id`` is the index of the sub-linear a checkpoint tensor belongs to.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"shard_id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        copy_weight(param.data.narrow(0, offset, size), loaded_weight)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q_proj, k_proj and v_proj in one matmul; each worker owns whole heads.
+
+    Output layout per worker: [q (num_heads/tp * head_dim) | k (num_kv_heads/tp * head_dim) | v (same)].
+    """
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ) -> None:
+        tp_size = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+        output_size = (num_heads + 2 * num_kv_heads) * head_dim
+        super().__init__(hidden_size, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        spans = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
+        if shard_id not in spans:
+            raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        offset, size = spans[shard_id]
+        loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        copy_weight(param.data.narrow(0, offset, size), loaded_weight)
+
+
+class RowParallelLinear(LinearBase):
+    """Each worker multiplies its slice of the inputs; partial outputs are summed over workers."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(divide(input_size, get_tp_size(), "input size"), output_size, bias, tp_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias joins on one worker only, so the all-reduce adds it once.
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return all_reduce(y)

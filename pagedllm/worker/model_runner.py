@@ -1,0 +1,196 @@
+"""ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
+
+    SchedulerOutput ─► update_states ─► build_flat_batch (numpy, host)
+        ─► device buffers (pinned host → device, non-blocking)
+        ─► model forward (eager, or a CUDA graph replay for decode-only batches)
+        ─► logits of the last token of each sampling request ─► Sampler
+        ─► ModelRunnerOutput (python lists: the only host sync is reading sampled ids)
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata, get_backend
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from pagedllm.models.layers.sampler import Sampler, SamplingMetadata
+from pagedllm.worker.cuda_graphs import CudaGraphRunner
+from pagedllm.worker.input_batch import CachedRequestState, FlatBatch, build_flat_batch, update_states
+
+logger = logging.getLogger(__name__)
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to device; through pinned memory so the copy does not block the host."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 device_config: DeviceConfig, device: torch.device) -> None:
+        from pagedllm.loader import load_model
+
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.block_size = cache_config.block_size
+        self.attn_backend = get_backend(device_config.attention_backend)
+        self.model = load_model(model_config, device, self.attn_backend)
+        self.model.eval()
+        self.dtype = model_config.torch_dtype
+        self.vocab_size = model_config.hf_config.vocab_size
+        self.sampler = Sampler()
+        self.states: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.use_cuda_graphs = device.type == "cuda" and not device_config.enforce_eager
+        self.graphs: CudaGraphRunner | None = None
+
+    # ---- KV cache ----------------------------------------------------------
+    def kv_cache_bytes_per_block(self) -> int:
+        from pagedllm.models.registry import kv_cache_shape_info
+
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config)
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return num_layers * 2 * self.block_size * num_kv_heads * head_dim * elem
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self._alloc_kv(num_blocks)
+        if self.use_cuda_graphs:
+            self.graphs = CudaGraphRunner(self, max_batch_size=self.scheduler_config.max_num_seqs)
+            self.graphs.capture()
+
+    # ---- one step ----------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        update_states(self.states, sched, self.device)
+        if sched.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        batch = build_flat_batch(self.states, sched, self.block_size)
+        hidden = self._forward(batch)
+        out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
+        self._prompt_logprobs(batch, hidden, out)
+        if batch.sample_req_ids:
+            self._sample(batch, hidden, out)
+        return out
+
+    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self._forward_eager(batch)
+
+    def _forward_eager(self, batch: FlatBatch) -> torch.Tensor:
+        md = self.build_metadata(batch)
+        input_ids = to_device(batch.input_ids, self.device)
+        positions = to_device(batch.positions, self.device)
+        return self.model(input_ids, positions, self.kv_caches, md)
+
+    def build_metadata(self, batch: FlatBatch) -> AttentionMetadata:
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return to_device(a, self.device)
+
+        return AttentionMetadata(
+            slot_mapping=dev(batch.slot_mapping), block_tables=dev(batch.block_tables), seq_lens=dev(batch.seq_lens),
+            query_start_loc=dev(batch.query_start_loc), max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len, num_actual_tokens=batch.num_tokens,
+            seq_lens_cpu=batch.seq_lens.tolist(), query_start_loc_cpu=batch.query_start_loc.tolist(),
+        )
+
+    def _sample(self, batch: FlatBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        idx = torch.tensor(batch.logits_indices, device=self.device)
+        logits = self.model.compute_logits(hidden[idx])
+        states = [self.states[r] for r in batch.sample_req_ids]
+        md = self._sampling_metadata(states)
+        result = self.sampler(logits, md)
+        sampled = result.sampled_token_ids.tolist()
+        pos = {r: i for i, r in enumerate(batch.req_ids)}
+        for st, tok in zip(states, sampled):
+            out.sampled_token_ids[pos[st.req_id]] = [tok]
+            st.output_token_ids.append(tok)
+        if result.logprob_token_ids is not None:
+            ids = result.logprob_token_ids.tolist()
+            lps = result.logprobs.tolist()
+            ranks = result.sampled_ranks.tolist()
+            for i, st in enumerate(states):
+                k = st.sampling_params.logprobs
+                if k is not None:
+                    out.logprobs[st.req_id] = LogprobsLists([ids[i][:k + 1]], [lps[i][:k + 1]], [ranks[i]])
+
+    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
+        generators = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
+        stop_ids = []
+        for st in states:
+            p = st.sampling_params
+            # The engine puts EOS (unless ignore_eos) into all_stop_token_ids.
+            stop_ids.append(p.all_stop_token_ids if len(st.output_token_ids) < p.min_tokens else set())
+        return SamplingMetadata.build(
+            [st.sampling_params for st in states], [st.prompt_token_ids for st in states],
+            [st.output_token_ids for st in states], generators, stop_ids, self.vocab_size, self.device)
+
+    def _prompt_logprobs(self, batch: FlatBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        """Logprobs of each prompt token given its prefix, for requests that asked for them."""
+        for i, req_id in enumerate(batch.req_ids):
+            st = self.states[req_id]
+            k = st.sampling_params.prompt_logprobs
+            num_prompt = len(st.prompt_token_ids)
+            start = int(batch.positions[batch.query_start_loc[i]])
+            end = min(int(batch.seq_lens[i]), num_prompt - 1)  # positions whose next token is in the prompt
+            if k is None or start >= end:
+                continue
+            q0 = int(batch.query_start_loc[i])
+            logits = self.model.compute_logits(hidden[q0:q0 + end - start])
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            targets = torch.tensor(st.prompt_token_ids[start + 1:end + 1], device=logprobs.device)
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs > chosen).sum(-1) + 1
+            top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
+            ids = torch.cat([targets[:, None], top_ids], 1).tolist()
+            lps = torch.cat([chosen, top_lp], 1).tolist()
+            out.prompt_logprobs[req_id] = LogprobsLists(ids, lps, ranks.tolist())
+
+    # ---- profiling ---------------------------------------------------------
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward at the largest batch the scheduler can form, to measure peak activation memory.
+
+        Uses a scratch KV cache just big enough for the synthetic prompts; it is freed after."""
+        num_tokens = self.scheduler_config.max_num_batched_tokens
+        num_seqs = min(self.scheduler_config.max_num_seqs, num_tokens)
+        counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
+        counts[-1] += num_tokens - counts.sum()
+        counts = np.minimum(counts, self.model_config.max_model_len)
+        blocks_per_seq = int(-(-counts.max() // self.block_size))
+        block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=qsl[1:])
+        req_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(len(req_of_token)) - qsl[:-1][req_of_token]
+        slots = block_tables[req_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+        batch = FlatBatch(
+            req_ids=[str(i) for i in range(num_seqs)], input_ids=np.zeros(len(positions), dtype=np.int64),
+            positions=positions.astype(np.int64), slot_mapping=slots + positions % self.block_size,
+            query_start_loc=qsl, seq_lens=counts.astype(np.int32), block_tables=block_tables,
+            logits_indices=(qsl[1:] - 1).tolist(), sample_req_ids=[], max_query_len=int(counts.max()),
+            max_seq_len=int(counts.max()))
+        real_caches = self.kv_caches
+        self.kv_caches = self._alloc_kv(num_seqs * blocks_per_seq)
+        try:
+            hidden = self._forward_eager(batch)
+            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            del logits, hidden
+        finally:
+            self.kv_caches = real_caches
+
+    def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
+        from pagedllm.models.registry import kv_cache_shape_info
+
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config)
+        shape = (num_blocks, 2, self.block_size, num_kv_heads, head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]

@@ -1,0 +1,71 @@
+"""Worker: owns one device. Loads the model (through the ModelRunner), profiles memory
+to size the KV cache, and executes steps."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+GiB = 1 << 30
+
+
+def select_device(device_config: DeviceConfig) -> torch.device:
+    if device_config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA GPU")
+    if device_config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class Worker:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 device_config: DeviceConfig) -> None:
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.device = select_device(device_config)
+        torch.manual_seed(model_config.seed)
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device)
+
+    def determine_num_blocks(self) -> int:
+        """KV cache blocks that fit: profiled on a GPU, a fixed budget on the CPU."""
+        per_block = self.model_runner.kv_cache_bytes_per_block()
+        if self.cache_config.num_gpu_blocks is not None:
+            num_blocks = self.cache_config.num_gpu_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_gpu_blocks(per_block)
+        else:
+            num_blocks = int(self.cache_config.cpu_kv_cache_gib * GiB // per_block)
+        if num_blocks < 1:
+            raise ValueError("no memory is left for the KV cache; raise gpu_memory_utilization or use a smaller model")
+        max_len = self.model_runner.model_config.max_model_len
+        concurrency = num_blocks * self.cache_config.block_size / max_len
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); maximum concurrency for %d-token requests: %.1fx",
+                    num_blocks, self.cache_config.block_size, num_blocks * per_block / GiB, max_len, concurrency)
+        return num_blocks
+
+    def _profile_gpu_blocks(self, bytes_per_block: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.model_runner.profile_run()
+        torch.cuda.synchronize()
+        peak_torch = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        # Memory used outside PyTorch's allocator (CUDA context, cuBLAS workspaces, NCCL).
+        non_torch = (total - free) - torch.cuda.memory_reserved()
+        available = total * self.cache_config.gpu_memory_utilization - peak_torch - non_torch
+        logger.info("memory profile: total %.1f GiB, weights+activations peak %.2f GiB, non-torch %.2f GiB, "
+                    "KV cache gets %.2f GiB", total / GiB, peak_torch / GiB, non_torch / GiB, available / GiB)
+        torch.cuda.empty_cache()
+        return int(available // bytes_per_block)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.model_runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)
