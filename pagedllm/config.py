@@ -70,6 +70,7 @@ class EngineArgs:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     served_model_name: str | None = None
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,7 @@ class EngineArgs:
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument("--served-model-name", default=None)
+        parser.add_argument("--skip-tokenizer-init", action="store_true")
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:

@@ -98,18 +98,17 @@ def _causal_attention(
     scale: float,
 ) -> torch.Tensor:  # (q_len, num_heads, head_dim)
     """Dense attention of the last q_len positions of a sequence over all its seq_len positions."""
-    q_len, num_heads, _ = q.shape
+    q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
-    # Query head h reads KV head h // group (GQA), as HF's repeat_kv does.
-    k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # (h, seq_len, d)
-    v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(q.float().transpose(0, 1), k.transpose(1, 2)) * scale  # (h, q_len, seq_len)
+    # GQA: query head h reads KV head h // group (HF's repeat_kv), so group the query heads per KV head.
+    qg = q.float().view(q_len, num_kv_heads, num_heads // num_kv_heads, head_dim).permute(1, 2, 0, 3)
+    scores = torch.matmul(qg, k.float().permute(1, 2, 0).unsqueeze(1)) * scale  # (kvh, g, q_len, seq_len)
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
     k_pos = torch.arange(seq_len, device=q.device)
     scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, v).transpose(0, 1).to(q.dtype)
+    out = torch.matmul(probs, v.float().transpose(0, 1).unsqueeze(1))  # (kvh, g, q_len, d)
+    return out.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim).to(q.dtype)
 
 
 def _attend_decodes(
@@ -125,25 +124,22 @@ def _attend_decodes(
     """All one-token queries at once: pad their contexts to the longest and mask the tail."""
     device = query.device
     block_size = kv_cache.shape[2]
-    lens = torch.tensor([seq_lens[s] for s in rows], device=device)
     max_len = max(seq_lens[s] for s in rows)
     num_blocks = -(-max_len // block_size)
-    row_idx = torch.tensor(rows, device=device)
+    lens = torch.tensor([seq_lens[s] for s in rows], device=device)
     token_idx = torch.tensor([starts[s] for s in rows], device=device)
-    tables = block_tables[row_idx, :num_blocks].long()  # (n, nb)
+    tables = block_tables[torch.tensor(rows, device=device), :num_blocks].long()  # (n, nb)
     blocks = kv_cache[tables]  # (n, nb, 2, block_size, kvh, d)
-    k = blocks[:, :, 0].flatten(1, 2)[:, :max_len].float()  # (n, max_len, kvh, d)
-    v = blocks[:, :, 1].flatten(1, 2)[:, :max_len].float()
-    q = query[token_idx].float()  # (n, h, d)
-    group = q.shape[1] // k.shape[2]
-    k = k.repeat_interleave(group, dim=2).permute(0, 2, 3, 1)  # (n, h, d, max_len)
-    v = v.repeat_interleave(group, dim=2).transpose(1, 2)  # (n, h, max_len, d)
-    scores = torch.matmul(q.unsqueeze(2), k).squeeze(2) * scale  # (n, h, max_len)
+    n, _, _, _, num_kv_heads, head_dim = blocks.shape
+    k = blocks[:, :, 0].reshape(n, -1, num_kv_heads, head_dim)[:, :max_len].float()  # (n, max_len, kvh, d)
+    v = blocks[:, :, 1].reshape(n, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    q = query[token_idx].float().view(n, num_kv_heads, -1, head_dim)  # (n, kvh, g, d)
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # (n, kvh, g, max_len)
     beyond = torch.arange(max_len, device=device)[None, :] >= lens[:, None]  # (n, max_len)
-    scores.masked_fill_(beyond[:, None, :], float("-inf"))
+    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.unsqueeze(2), v).squeeze(2)  # (n, h, d)
-    output[token_idx] = out.to(output.dtype)
+    out = torch.matmul(probs, v.transpose(1, 2))  # (n, kvh, g, d)
+    output[token_idx] = out.reshape(n, -1, head_dim).to(output.dtype)
 
 
 def _attend_without_cache(

@@ -107,6 +107,46 @@ def _find_seq_idx(query_start_loc_ptr, q_block_idx, num_seqs, BLOCK_Q: tl.conste
 
 
 @triton.jit
+def _attend_tiles(
+    acc, l_i, m_i, q, k_base, block_table, tile_lo, tile_hi, num_keys, row_pos, scale_log2,
+    stride_cb, stride_ckv, stride_ct,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [tile_lo, tile_hi).
+    Unmasked tiles must hold only keys that every query row may see."""
+    dims = tl.arange(0, HEAD_DIM)
+    for tile in range(tile_lo, tile_hi):
+        pos = tile * TILE_N + tl.arange(0, TILE_N)
+        if MASKED:
+            key_valid = pos < num_keys
+            block_ids = tl.load(block_table + pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        else:
+            block_ids = tl.load(block_table + pos // BLOCK_SIZE).to(tl.int64)
+        kv_offs = (block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_ct)[:, None] + dims[None, :]
+        if MASKED:
+            k = tl.load(k_base + kv_offs, mask=key_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
+        else:
+            k = tl.load(k_base + kv_offs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, TILE_N)
+        if MASKED:
+            s = tl.where(key_valid[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; shift by 0 to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(k_base + stride_ckv + kv_offs, mask=key_valid[:, None], other=0.0)
+        else:
+            v = tl.load(k_base + stride_ckv + kv_offs)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, kv_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     partial_out_ptr, partial_max_ptr, partial_sum_ptr,
@@ -145,46 +185,33 @@ def _paged_attention_kernel(
     # Keys visible to the last query row of this block; later ones are masked anyway.
     num_keys = tl.maximum(context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len), 0)
     num_tiles = tl.cdiv(num_keys, TILE_N)
-    if NUM_SPLITS == 1:
-        tile_lo = 0
-        tile_hi = num_tiles
-    else:
-        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        tile_lo = split * tiles_per_split
-        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)  # the split count is fixed; the share follows seq_len
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, log2 domain
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_head_off = kv_head.to(tl.int64) * stride_ch
-    for tile in range(tile_lo, tile_hi):
-        pos = tile * TILE_N + tl.arange(0, TILE_N)
-        key_valid = pos < num_keys
-        block_ids = tl.load(block_table + pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        kv_offs = (block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kv_head_off)[:, None] + dims[None, :]
-        k = tl.load(kv_cache_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, TILE_N)
-        visible = key_valid[None, :] & (pos[None, :] <= row_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no key yet keep m = -inf; shift by 0 to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(kv_cache_ptr + stride_ckv + kv_offs, mask=key_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    k_base = kv_cache_ptr + kv_head.to(tl.int64) * stride_ch
+    # Tiles wholly at or before the first row's position are visible to every row: no masks there.
+    num_full = tl.minimum((context_len + q_block * BLOCK_Q + 1) // TILE_N, tile_hi)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, block_table, tile_lo, num_full, num_keys, row_pos,
+                                  scale_log2, stride_cb, stride_ckv, stride_ct,
+                                  HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, False)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, k_base, block_table, tl.maximum(tile_lo, num_full), tile_hi,
+                                  num_keys, row_pos, scale_log2, stride_cb, stride_ckv, stride_ct,
+                                  HEAD_DIM, BLOCK_SIZE, TILE_N, DOT_PRECISION, True)
 
+    out_row = (q_start + row_tok).to(tl.int64)  # (BLOCK_M,) token index in the batch
     if NUM_SPLITS == 1:
         # Rows with no visible key (seq_lens == 0 padding) produce 0, not NaN.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        o_offs = (q_start + row_tok).to(tl.int64)[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
+        o_offs = out_row[:, None] * stride_ot + row_head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
     else:
         # partial_* are (num_tokens, num_heads, NUM_SPLITS[, HEAD_DIM]), contiguous.
-        part = ((q_start + row_tok).to(tl.int64) * num_heads + row_head) * NUM_SPLITS + split
+        part = (out_row * num_heads + row_head) * NUM_SPLITS + split
         tl.store(partial_max_ptr + part, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + part, l_i, mask=row_valid)
         tl.store(partial_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_valid[:, None])
@@ -229,12 +256,9 @@ def paged_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
 ) -> None:
-    """Causal attention of every query token over its sequence's cached K/V.
-
-    ``decode_only`` promises query_start_loc[s + 1] - query_start_loc[s] <= 1
-    for every s; only then may ``num_splits`` (a power of two) exceed 1.
-    Launches only: no host sync, so a decode-only call can be graph-captured.
-    """
+    """Causal attention of every query token over its sequence's cached K/V. ``decode_only``
+    promises q_len <= 1 for every sequence; only then may ``num_splits`` (a power of two)
+    exceed 1. Launches only: no host sync, so a decode-only call can be graph-captured."""
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     num_kv_heads = kv_cache.shape[3]
@@ -249,13 +273,11 @@ def paged_attention(
         grid = (num_seqs, num_kv_heads, num_splits)
     else:
         grid = (num_tokens // (block_m // queries_per_kv) + num_seqs, num_kv_heads, 1)
+    partial_out = partial_max = partial_sum = out  # unused by the kernel without splits
     if num_splits > 1:
-        partial_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
-                                  device=query.device)
-        partial_max = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+        partial_out = query.new_empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32)
+        partial_max = query.new_empty(num_tokens, num_heads, num_splits, dtype=torch.float32)
         partial_sum = torch.empty_like(partial_max)
-    else:  # unused by the kernel; any tensor satisfies the signature
-        partial_out = partial_max = partial_sum = out
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _paged_attention_kernel[grid](
         out, query, kv_cache, block_tables, seq_lens, query_start_loc,

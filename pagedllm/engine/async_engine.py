@@ -102,6 +102,9 @@ class StatsListener(Protocol):
 
     def on_first_token(self, timing: RequestTiming) -> None: ...
 
+    def on_inter_token(self, timing: RequestTiming) -> None:
+        """New tokens after the first: ``timing.inter_token_latencies[-1]`` is the latest gap."""
+
     def on_request_finished(self, timing: RequestTiming) -> None: ...
 
 
@@ -199,6 +202,7 @@ class AsyncEngine:
 
         Raises ``ValueError`` for input the engine rejects, before any output exists.
         """
+        self.check_health()
         timing = RequestTiming(request_id, arrival_time=time.monotonic())
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
@@ -254,25 +258,40 @@ class AsyncEngine:
             self._cond.notify()
 
     def _run_loop(self) -> None:
-        while True:
-            has_work = bool(self._streams) or self._engine_has_work()
-            with self._cond:
-                while not (self._commands or has_work or self._stopped):
-                    self._cond.wait()
-                if self._stopped:
-                    break
-                commands, self._commands = self._commands, []
-            for command in commands:
-                command()
-            if self._dead is None and self._engine_has_work():
-                self._step()
-            self._refresh_stats()
-        self._fail_all(EngineDeadError("the engine was shut down"))
+        try:
+            while self._run_once():
+                pass
+            error: BaseException = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # a bug here must not leave requests hanging
+            logger.exception("the engine loop crashed")
+            error = EngineDeadError(f"the engine loop crashed: {e!r}")
+        self._fail_all(error)
+        self._dead = self._dead or error
+        with self._cond:  # commands that raced the exit: adds fail fast now that the engine is dead
+            commands, self._commands = self._commands, []
+        for command in commands:
+            command()
+
+    def _run_once(self) -> bool:
+        """Wait for work, apply pending commands, step once. False once shut down."""
+        has_work = self._engine_has_work()
+        with self._cond:
+            while not (self._commands or has_work or self._stopped):
+                self._cond.wait()
+            if self._stopped:
+                return False
+            commands, self._commands = self._commands, []
+        for command in commands:
+            command()
+        if self._engine_has_work():
+            self._step()
+        self._refresh_stats()
+        return True
 
     def _engine_has_work(self) -> bool:
         try:
             return self._dead is None and self.engine.has_unfinished_requests()
-        except Exception as e:  # noqa: BLE001 - a broken engine must not kill the loop silently
+        except Exception as e:  # a broken engine must not kill the loop silently
             self._mark_dead(e)
             return False
 
@@ -283,7 +302,7 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(stream.request_id, stream.prompt_token_ids, params, priority=priority)
-        except Exception as e:  # noqa: BLE001 - ValueError is a 400; anything else goes to the caller too
+        except Exception as e:  # ValueError is a 400; anything else goes to the caller too
             accepted.set_exception(e)
             return
         self._streams[stream.request_id] = stream
@@ -293,7 +312,7 @@ class AsyncEngine:
         stream = self._streams.pop(request_id, None)
         try:
             self.engine.abort_request(request_id)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             logger.exception("abort_request(%s) failed", request_id)
             self._mark_dead(e)
         if stream is not None:
@@ -302,7 +321,7 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - report to the requests, keep serving
+        except Exception as e:  # report to the requests, keep serving
             logger.exception("engine step failed; aborting the %d requests in flight", len(self._streams))
             self._fail_all(EngineStepError(f"the engine failed while running this request: {e!r}"))
             return
@@ -329,7 +348,7 @@ class AsyncEngine:
         try:
             if self._dead is None:
                 self.engine.abort_request([s.request_id for s in streams])
-        except Exception as e:  # noqa: BLE001 - cannot free the blocks: stop taking requests
+        except Exception as e:  # cannot free the blocks: stop taking requests
             logger.exception("could not abort requests after an engine error")
             self._mark_dead(e)
         now = time.monotonic()
@@ -359,6 +378,7 @@ class AsyncEngine:
             self._notify("on_first_token", timing)
         else:
             timing.inter_token_latencies.append(now - timing.last_token_time)
+            self._notify("on_inter_token", timing)
         timing.last_token_time = now
 
     def _record_finished(self, stream: RequestStream, now: float, reason: str | None) -> None:
@@ -370,7 +390,7 @@ class AsyncEngine:
         for listener in self._listeners:
             try:
                 getattr(listener, method)(timing)
-            except Exception:  # noqa: BLE001 - metrics must never break generation
+            except Exception:  # metrics must never break generation
                 logger.exception("stats listener %s.%s failed", type(listener).__name__, method)
 
     def _refresh_stats(self) -> None:
@@ -378,7 +398,7 @@ class AsyncEngine:
             return
         try:
             self._stats = self.engine.get_stats()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("get_stats failed")
 
 
@@ -389,8 +409,7 @@ def _snapshot(output: RequestOutput, prompt: str | None) -> RequestOutput:
                             logprobs=None if c.logprobs is None else list(c.logprobs))
         for c in output.outputs
     ]
-    return dataclasses.replace(output, outputs=outputs, prompt=output.prompt if output.prompt is not None else prompt,
-                               prompt_token_ids=list(output.prompt_token_ids))
+    return dataclasses.replace(output, outputs=outputs, prompt=output.prompt if output.prompt is not None else prompt)
 
 
 def _aborted_output(stream: RequestStream) -> RequestOutput:

@@ -34,6 +34,8 @@ never sees text that later disappears.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from pagedllm.sampling_params import SamplingParams
@@ -48,8 +50,10 @@ _REPLACEMENT_CHAR = "\ufffd"
 # (vllm-project/vllm#17448); the stream is then restarted from the current token.
 _INVALID_PREFIX_ERR = "Invalid prefix encountered"
 # Prompt tokens that prime the stream: enough context for leading-space rules.
-_PRIME_MIN_TOKENS = 4
-_PRIME_MAX_TOKENS = 24
+_CONTEXT_MIN_TOKENS = 4
+_CONTEXT_MAX_TOKENS = 24
+# An incomplete character at the end of a prompt spans at most 3 tokens (4-byte UTF-8, byte fallback).
+_MAX_PARTIAL_CHAR_TOKENS = 3
 # Classic algorithm: the prefix window starts this many tokens before the read offset.
 _INITIAL_PREFIX_WINDOW = 5
 
@@ -162,6 +166,23 @@ class IncrementalDetokenizer:
         return True
 
 
+def _prompt_context(prompt_token_ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
+    """The prompt tokens a stream starts from: a short tail of the prompt that decodes cleanly.
+
+    They give the first output token its context (leading-space rules) but no
+    characters of their own: a tail that starts mid-character is lengthened, and
+    the tokens of an incomplete character at the very end of the prompt are left
+    out, so its bytes never join the output text. Usually the first try is clean.
+    """
+    n = len(prompt_token_ids)
+    for end in range(n, max(n - _MAX_PARTIAL_CHAR_TOKENS - 1, 0), -1):
+        for start in range(max(end - _CONTEXT_MIN_TOKENS, 0), max(end - _CONTEXT_MAX_TOKENS, 0) - 1, -1):
+            context = prompt_token_ids[start:end]
+            if _REPLACEMENT_CHAR not in decode(context):
+                return context
+    return []  # no clean tail (e.g. the prompt holds U+FFFD itself): render without context
+
+
 class _FastTokenStream:
     """Incremental decoding through the Rust tokenizer's ``DecodeStream``."""
 
@@ -169,18 +190,9 @@ class _FastTokenStream:
         self._tokenizer = tokenizer.backend_tokenizer  # the tokenizers.Tokenizer underneath
         self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        for token_id in self._prompt_suffix(prompt_token_ids):
+        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        for token_id in _prompt_context(prompt_token_ids, decode):
             self.step(token_id)
-
-    def _prompt_suffix(self, prompt_token_ids: list[int]) -> list[int]:
-        """The shortest tail (4 to 24 tokens) of the prompt that does not start mid-character."""
-        if len(prompt_token_ids) <= _PRIME_MIN_TOKENS:
-            return prompt_token_ids
-        for n in range(_PRIME_MIN_TOKENS, min(len(prompt_token_ids), _PRIME_MAX_TOKENS) + 1):
-            suffix = prompt_token_ids[-n:]
-            if _REPLACEMENT_CHAR not in self._tokenizer.decode(suffix, skip_special_tokens=self._skip):
-                return suffix
-        return prompt_token_ids[-_PRIME_MIN_TOKENS:]
 
     def step(self, token_id: int) -> str:
         """Text that ``token_id`` completes; "" while it (with those before) is an incomplete character."""
@@ -207,8 +219,8 @@ class _OffsetTokenStream:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._vocab_size = len(tokenizer)
-        prompt_tail = prompt_token_ids[-(_INITIAL_PREFIX_WINDOW + 2):]
-        self._tokens: list[str] = self._to_tokens(prompt_tail)
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        self._tokens: list[str] = self._to_tokens(_prompt_context(prompt_token_ids, decode))
         self._read_offset = len(self._tokens)
         self._prefix_offset = max(self._read_offset - _INITIAL_PREFIX_WINDOW, 0)
 

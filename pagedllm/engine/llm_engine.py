@@ -48,7 +48,7 @@ class _Sample:
 
     index: int
     req_id: str  # the scheduler's id: the parent's for n == 1, else "{index}_{parent}"
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None with skip_tokenizer_init
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
@@ -81,7 +81,7 @@ class LLMEngine:
         self.args = args
         self.model_config: ModelConfig = args.model_config()
         resolve_model(self.model_config)
-        self.tokenizer = load_tokenizer(self.model_config)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
         self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
@@ -89,8 +89,9 @@ class LLMEngine:
         num_blocks = self.executor.determine_num_blocks()
         self.executor.initialize_cache(num_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
-        self.eos_token_id = self.tokenizer.eos_token_id
-        self.extra_eos_ids = _generation_config_eos_ids(self.model_config.model) - {self.eos_token_id}
+        config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
+        self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else min(config_eos, default=None)
+        self.extra_eos_ids = (config_eos | _generation_config_eos_ids(self.model_config.model)) - {self.eos_token_id}
         self.vocab_size = self.model_config.hf_config.vocab_size
         self.requests: dict[str, _RequestState] = {}
         self._sample_of: dict[str, tuple[_RequestState, _Sample]] = {}
@@ -115,7 +116,7 @@ class LLMEngine:
         for i in range(params.best_of):
             child_params = self._child_params(params, i)
             req_id = request_id if params.best_of == 1 else f"{i}_{request_id}"
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params) if self.tokenizer else None
             sample = _Sample(i, req_id, detok, logprobs=[] if params.logprobs is not None else None,
                              cumulative_logprob=0.0 if child_params.logprobs is not None else None)
             state.samples.append(sample)
@@ -138,6 +139,8 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt must be token ids when the engine runs with skip_tokenizer_init")
             ids = self.tokenizer.encode(prompt)
             if not ids:
                 raise ValueError("prompt must not be empty")
@@ -211,7 +214,7 @@ class LLMEngine:
             sample.cumulative_logprob += sum(lp[0] for lp in upd.new_logprobs.logprobs)
             if sample.logprobs is not None:
                 sample.logprobs.extend(self._logprob_dicts(upd.new_logprobs))
-        stop_str = sample.detok.update(upd.new_token_ids)
+        stop_str = sample.detok.update(upd.new_token_ids) if sample.detok else None
         if stop_str is not None and not upd.finished:
             self.scheduler.finish_requests(upd.req_id, RequestStatus.FINISHED_STOPPED)
         if stop_str is not None:
@@ -232,7 +235,7 @@ class LLMEngine:
         return out
 
     def _decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id]) if self.tokenizer else ""
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         finished = state.finished
@@ -242,7 +245,7 @@ class LLMEngine:
         outputs = [
             CompletionOutput(
                 index=i if state.params.best_of > state.params.n else s.index,
-                text=s.detok.get_next_output_text(s.finish_reason is not None, delta=False),
+                text=s.detok.get_next_output_text(s.finish_reason is not None, delta=False) if s.detok else "",
                 token_ids=list(s.token_ids),
                 cumulative_logprob=s.cumulative_logprob if state.params.logprobs is not None else None,
                 logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason)
@@ -275,7 +278,10 @@ def _generation_config_eos_ids(model_path: str | None) -> set[int]:
     path = Path(model_path) / "generation_config.json"
     if not path.is_file():
         return set()
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    if eos is None:
+    return _as_id_set(json.loads(path.read_text()).get("eos_token_id"))
+
+
+def _as_id_set(ids: int | list[int] | None) -> set[int]:
+    if ids is None:
         return set()
-    return set(eos) if isinstance(eos, list) else {eos}
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}

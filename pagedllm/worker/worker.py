@@ -29,6 +29,7 @@ class Worker:
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.device = select_device(device_config)
+        self.memory_profile: dict[str, float] = {}
         torch.manual_seed(model_config.seed)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device)
 
@@ -52,6 +53,7 @@ class Worker:
     def _profile_gpu_blocks(self, bytes_per_block: int) -> int:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        weights = torch.cuda.memory_allocated()
         self.model_runner.profile_run()
         torch.cuda.synchronize()
         peak_torch = torch.cuda.max_memory_allocated()
@@ -59,6 +61,8 @@ class Worker:
         # Memory used outside PyTorch's allocator (CUDA context, cuBLAS workspaces, NCCL).
         non_torch = (total - free) - torch.cuda.memory_reserved()
         available = total * self.cache_config.gpu_memory_utilization - peak_torch - non_torch
+        self.memory_profile = {"total": total, "weights": weights, "peak_torch": peak_torch, "non_torch": non_torch,
+                               "kv_cache": available}
         logger.info("memory profile: total %.1f GiB, weights+activations peak %.2f GiB, non-torch %.2f GiB, "
                     "KV cache gets %.2f GiB", total / GiB, peak_torch / GiB, non_torch / GiB, available / GiB)
         torch.cuda.empty_cache()

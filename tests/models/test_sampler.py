@@ -291,9 +291,9 @@ def test_logprobs_are_raw_topk_with_sampled_first(device):
     assert torch.equal(out.logprob_token_ids[:, 1:], top.indices)
     torch.testing.assert_close(out.logprobs[:, 1:], top.values)
     torch.testing.assert_close(out.logprobs[:, 0], ref.gather(1, out.sampled_token_ids[:, None]).squeeze(1))
-    for i in range(n):
-        s = int(out.sampled_token_ids[i])
-        assert int(out.sampled_ranks[i]) == 1 + int((ref[i] > ref[i, s]).sum())
+    ref, sampled, ranks = ref.cpu(), out.sampled_token_ids.cpu().tolist(), out.sampled_ranks.cpu().tolist()
+    for i, s in enumerate(sampled):
+        assert ranks[i] == 1 + int((ref[i] > ref[i, s]).sum())
     assert (out.sampled_ranks > 1).any()  # sampled rows do not always pick the top token
     # logprobs=0: only the sampled token.
     md = SamplingMetadata.build([SamplingParams(logprobs=0)] * 4, [[]] * 4, [[]] * 4, {}, None, V, device)

@@ -1,0 +1,87 @@
+"""Building the model on its device and filling its weights.
+
+    resolve (if not done) -> build the nn.Module on `device` in `torch_dtype`
+                          -> weights: HF safetensors | GGUF (dequantized) | dummy (random)
+
+The module is built directly on the target device and dtype (no fp32 copy
+on the host first), then each checkpoint tensor is copied into its parameter
+by the parameter's ``weight_loader`` as it is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend
+from pagedllm.config import ModelConfig
+from pagedllm.loader.resolve import resolve_dtype, resolve_model
+from pagedllm.models.registry import get_model_class
+
+# Dummy weights: small enough that activations stay tame in fp16 through many layers.
+_DUMMY_RANGE = 0.02
+
+
+def load_model(model_config: ModelConfig, device: torch.device | str, attn_backend: AttentionBackend) -> nn.Module:
+    """The model of ``model_config`` on ``device`` with its weights loaded, in eval mode."""
+    device = torch.device(device)
+    if model_config.hf_config is None:
+        resolve_model(model_config, device)
+    hf_config = model_config.hf_config
+    # "auto" depends on the device (float32 on CPU), which resolve_model may not have known.
+    model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, device)
+    model_cls = get_model_class(hf_config)
+    with _default_dtype(model_config.torch_dtype), device:
+        model = model_cls(hf_config, attn_backend)
+    fmt = model_config.load_format
+    if fmt == "dummy":
+        init_dummy_weights(model, model_config.seed)
+    elif fmt == "gguf":
+        from pagedllm.loader.gguf_loader import iter_gguf_weights
+
+        model.load_weights(iter_gguf_weights(model_config.model, hf_config, hf_weight_names(model)))
+    elif fmt == "hf":
+        from pagedllm.loader.safetensors_loader import iter_safetensors_weights
+
+        model.load_weights(iter_safetensors_weights(model_config.model))
+    else:
+        raise ValueError(f"load_format must be hf, gguf or dummy after resolution, got {fmt!r}")
+    return model.eval()
+
+
+def hf_weight_names(model: nn.Module) -> list[str]:
+    """The HF checkpoint names the model's parameters are loaded from (fused parameters expanded)."""
+    packed = getattr(model, "packed_modules_mapping", {})
+    names = []
+    for name, _ in model.named_parameters():
+        parts = [hf for hf, (fused, _) in packed.items() if f".{fused}." in name]
+        for hf in parts or [None]:
+            names.append(name if hf is None else name.replace(f".{packed[hf][0]}.", f".{hf}."))
+    return names
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights for benchmarks: uniform in +-0.02, norm scales 1, drawn on the parameter's device."""
+    generator = None
+    for name, param in model.named_parameters():
+        if generator is None:  # one stream, on the model's device: no host round trip
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created in the target dtype; the previous default comes back even on error.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,239 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3 in one implementation.
+
+They share one decoder block (pre-norm attention with RoPE and GQA, then a
+SiLU-gated MLP); what differs is read from the HF config:
+
+    Llama / Mistral   no biases (Llama: `attention_bias` adds them to q, k, v and o)
+    Qwen2             bias on q, k, v (not on o)
+    Qwen3             RMSNorm over each q and k head before RoPE
+
+The model sees a flat batch of tokens (prefill chunks and decodes side by
+side) with their positions; all cross-token work happens in the attention
+backend, which reads and writes the paged KV cache.
+
+Checkpoint names are HF's. q/k/v and gate/up are fused into one matmul each,
+so ``load_weights`` routes those tensors to the fused parameter's
+``weight_loader`` with a shard id (``packed_modules_mapping``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.models.layers.activation import SiluAndMul
+from pagedllm.models.layers.embedding import LMHead, VocabEmbedding
+from pagedllm.models.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    copy_weight,
+)
+from pagedllm.models.layers.norm import RMSNorm
+from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
+
+# Checkpoint tensors that are derived state, not weights.
+_IGNORED_WEIGHTS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def get_head_dim(hf_config: Any) -> int:
+    """``head_dim`` from the config when present (Qwen3, Mistral-Nemo), else hidden_size / heads."""
+    head_dim = getattr(hf_config, "head_dim", None)
+    return head_dim or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend
+    ) -> None:
+        super().__init__()
+        model_type = getattr(config, "model_type", "llama")
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        self.head_dim = get_head_dim(config)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads,
+            getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            bias=attention_bias or model_type == "qwen2",
+        )
+        self.num_heads = self.qkv_proj.num_heads  # of this tensor-parallel worker
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=attention_bias
+        )
+        self.qk_norm = model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary_emb = rotary_emb
+        self.attn_backend = attn_backend
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # (T,)
+        hidden: torch.Tensor,  # (T, hidden_size)
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden_size)
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # (T, h, d)
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; the Llama family uses 'silu'")
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=mlp_bias
+        )
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary_emb, attn_backend)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        theta, scaling = rope_parameters(config)
+        # One cos/sin table shared by every layer.
+        rotary_emb = RotaryEmbedding(get_head_dim(config), config.max_position_embeddings, theta, scaling)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, rotary_emb, attn_backend) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a paged KV cache (the interface the model runner calls)."""
+
+    # HF checkpoint name -> (fused parameter, shard id for its weight_loader)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: Any, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.model = LlamaModel(hf_config, attn_backend)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,) int64
+        positions: torch.Tensor,  # (T,) int64
+        kv_caches: list[torch.Tensor],  # one per layer
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # (T, hidden_size)
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) fp32
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors; every parameter must be filled. Returns the parameter names loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[tuple[str, object]] = set()  # (parameter, shard id) pairs filled so far
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_WEIGHTS):
+                continue
+            if self.tie_word_embeddings and name.startswith("lm_head."):
+                continue  # some tied checkpoints store the shared matrix twice
+            param_name, shard_id = _route(name, self.packed_modules_mapping)
+            param = params.get(param_name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            loader = getattr(param, "weight_loader", None)
+            try:
+                if loader is None:
+                    copy_weight(param.data, tensor)
+                elif shard_id is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard_id)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+            loaded.add((param_name, shard_id))
+        missing = sorted(f"{p}[{s}]" if s is not None else p for p, s in _expected(params, self) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        return {p for p, _ in loaded}
+
+
+def _expected(params: dict[str, nn.Parameter], model: LlamaForCausalLM) -> set[tuple[str, object]]:
+    """Every (parameter, shard id) pair a complete checkpoint fills."""
+    expected: set[tuple[str, object]] = set()
+    for name in params:
+        shards = [sid for fused, sid in model.packed_modules_mapping.values() if f".{fused}." in name]
+        expected.update((name, sid) for sid in shards or [None])
+    return expected
+
+
+def _route(name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    """HF tensor name -> (our parameter name, shard id or None)."""
+    for hf_part, (fused, shard_id) in mapping.items():
+        if f".{hf_part}." in name:
+            return name.replace(f".{hf_part}.", f".{fused}."), shard_id
+    return name, None

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP server: app factory, routes, auth, error shape, and ``pagedllm serve``.
+
+    pagedllm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine options]
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+GET /health, GET /version, GET /metrics. Every error, including pydantic's
+validation errors and unknown routes, is answered in OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``. With an API key set, the
+/v1 routes need ``Authorization: Bearer <key>`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.server.metrics import ServerMetrics
+from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from pagedllm.server.serving_chat import OpenAIServingChat
+from pagedllm.server.serving_completion import OpenAIServingCompletion
+from pagedllm.server.serving_engine import (
+    OpenAIError,
+    SSEStream,
+    bad_request,
+    cancel_on_disconnect,
+    to_openai_error,
+    value_error_to_400,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def pagedllm_version() -> str:
+    try:
+        return version("pagedllm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+class _SSEResponse(StreamingResponse):
+    """A streamed response that aborts its requests however it ends (done, error, disconnect)."""
+
+    def __init__(self, content: SSEStream) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.sse = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.sse.aclose()
+
+
+class _ApiKeyMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware) so ``receive`` still reports client disconnects to handlers."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                message = "Incorrect API key provided." if token else "Missing API key: send Authorization: Bearer."
+                error = OpenAIError(message, 401, "invalid_request_error", None, "invalid_api_key")
+                await error.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_error(exc: RequestValidationError) -> OpenAIError:
+    """Pydantic's errors -> one readable 400; no input echo, no pydantic URLs or internals."""
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "json_invalid":
+        return bad_request(f"request body is not valid JSON: {msg}")
+    if not loc:  # a model-level check (ours), whose message names the field
+        return value_error_to_400(msg)
+    field = loc[0]
+    # A union field (prompt, stop) reports one error per alternative: say so instead of the first.
+    alternatives = {str(e.get("msg")) for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1]
+                    == [field]}
+    if len(alternatives) > 1 and first.get("type") != "missing":
+        return bad_request(f"{field}: invalid type or value ({'; '.join(sorted(alternatives)[:3])})", field)
+    path = field + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+    return bad_request(f"{path}: {msg}", field)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(exc).to_response()
+
+    @app.exception_handler(OpenAIError)
+    async def _on_openai(_: Request, exc: OpenAIError) -> Response:
+        return exc.to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return OpenAIError(str(exc.detail), exc.status_code, kind).to_response()
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(_: Request, exc: Exception) -> Response:
+        return to_openai_error(exc).to_response()
+
+
+async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[Any]]) -> Response:
+    """Run a serving call; JSON for a whole response, SSE for a stream, the error shape for errors."""
+
+    async def handle() -> Response:
+        try:
+            result = await create()
+        except Exception as e:
+            return to_openai_error(e).to_response()
+        if isinstance(result, SSEStream):
+            return _SSEResponse(result)
+        return JSONResponse(result.model_dump())
+
+    if stream:  # Starlette cancels a streamed body itself when the client leaves
+        return await handle()
+    return await cancel_on_disconnect(raw, handle())
+
+
+def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None,
+              api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; each app has its own metrics registry."""
+    if served_model_name is None:
+        served_model_name = engine.model_config.model or DEFAULT_SERVED_MODEL_NAME
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    completion = OpenAIServingCompletion(engine, names)
+    chat = OpenAIServingChat(engine, names)
+    metrics = ServerMetrics(engine, names[0])
+
+    app = FastAPI(title="pagedllm", version=pagedllm_version())
+    app.state.engine, app.state.metrics = engine, metrics
+    _add_error_handlers(app)
+    if api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            engine.check_health()
+        except Exception as e:
+            return to_openai_error(e).to_response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def get_version() -> dict[str, str]:
+        return {"version": pagedllm_version()}
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        root, max_model_len = engine.model_config.model, engine.model_config.max_model_len
+        cards = [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
+        return ModelList(data=cards).model_dump()
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw: Request) -> Response:
+        return await _respond(raw, bool(request.stream), lambda: completion.create_completion(request))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await _respond(raw, bool(request.stream), lambda: chat.create_chat_completion(request))
+
+    return app
+
+
+def make_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm serve",
+                                     description="Serve a model over the OpenAI API (default: SmolLM2-135M).")
+    EngineArgs.add_cli_args(parser, model_positional=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
+                        help="require this key on /v1 routes (default: $PAGEDLLM_API_KEY)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pagedllm serve``: load the engine, then serve until interrupted."""
+    import uvicorn
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    args = make_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_args = EngineArgs.from_cli_args(args)
+    engine = AsyncEngine.from_engine_args(engine_args)
+    name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
+    app = build_app(engine, name, args.api_key)
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Prometheus metrics under vLLM's names, with the ``pagedllm:`` prefix instead of ``vllm:``.
+
+So an existing vLLM dashboard needs only the prefix changed. Two sources:
+- engine state (requests running / waiting, KV cache usage, cumulative token,
+  preemption and prefix-cache counters) is read from the AsyncEngine's latest
+  ``EngineStats`` snapshot at scrape time, by a custom collector;
+- per-request latencies (TTFT, inter-token, per output token, end to end) and
+  finished-request counts are observed as requests progress, through the
+  AsyncEngine's ``StatsListener`` hooks (called on the engine thread;
+  prometheus_client is thread-safe).
+Every app gets its own ``CollectorRegistry``, so tests can build several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagedllm.engine.async_engine import AsyncEngine, RequestTiming
+
+PREFIX = "pagedllm:"
+
+# vLLM's buckets.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0]
+E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0]
+TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges and cumulative counters read from the engine's latest stats snapshot at scrape time."""
+
+    GAUGES = (
+        ("num_requests_running", "num_running", "Number of requests in model execution batches."),
+        ("num_requests_waiting", "num_waiting", "Number of requests waiting to be processed."),
+        ("kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+        ("gpu_cache_usage_perc", "kv_cache_usage", "KV-cache usage (vLLM's older name). 1 means 100 percent."),
+    )
+    COUNTERS = (
+        ("prompt_tokens", "num_prompt_tokens", "Number of prefill tokens processed."),
+        ("generation_tokens", "num_generation_tokens", "Number of generation tokens processed."),
+        ("num_preemptions", "num_preemptions", "Cumulative number of preemptions from the engine."),
+        ("prefix_cache_queries", "prefix_cache_queries", "Prefix cache queries, in terms of number of tokens."),
+        ("prefix_cache_hits", "prefix_cache_hits", "Prefix cache hits, in terms of number of tokens."),
+    )
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.get_stats()
+        for name, attr, doc in self.GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(stats, attr, 0) or 0))
+            yield family
+        for name, attr, doc in self.COUNTERS:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(stats, attr, 0) or 0))
+            yield family
+
+
+class ServerMetrics:
+    """The app's Prometheus registry; registered with the AsyncEngine as a ``StatsListener``."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(_EngineStatsCollector(engine, model_name))
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             ITL_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds",
+                              "Histogram of mean time per output token (after the first) per request, in seconds.",
+                              ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
+                             E2E_BUCKETS)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed, per request.",
+                                       TOKEN_BUCKETS)
+        self.generation_tokens = histogram("request_generation_tokens",
+                                           "Number of generation tokens processed, per request.", TOKEN_BUCKETS)
+        self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
+                               ["model_name", "finished_reason"], registry=self.registry)
+        engine.add_stats_listener(self)
+
+    # ---- StatsListener (engine thread) -------------------------------------------
+    def on_first_token(self, timing: RequestTiming) -> None:
+        if timing.time_to_first_token is not None:
+            self.ttft.observe(timing.time_to_first_token)
+
+    def on_inter_token(self, timing: RequestTiming) -> None:
+        self.itl.observe(timing.inter_token_latencies[-1])
+
+    def on_request_finished(self, timing: RequestTiming) -> None:
+        if timing.time_per_output_token is not None:
+            self.tpot.observe(timing.time_per_output_token)
+        if timing.e2e_latency is not None:
+            self.e2e.observe(timing.e2e_latency)
+        self.prompt_tokens.observe(timing.num_prompt_tokens)
+        self.generation_tokens.observe(timing.num_generation_tokens)
+        self.success.labels(self.model_name, timing.finish_reason or "unknown").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

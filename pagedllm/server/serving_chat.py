@@ -1,0 +1,126 @@
+"""POST /v1/chat/completions: messages -> chat template -> one engine request -> n choices.
+
+Streaming follows OpenAI's chunk sequence: per choice a first chunk whose delta
+carries the role, then content deltas (the new suffix of the cumulative text,
+with logprobs of the new tokens when asked), then one chunk with the
+finish_reason; an optional usage chunk with no choices; ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from pagedllm.engine.chat_utils import apply_chat_template
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogProbs,
+    ChatLogprobToken,
+    ChatMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+)
+from pagedllm.server.serving_engine import (
+    OpenAIServing,
+    SSEStream,
+    clamp_logprob,
+    collect_final,
+    merge_streams,
+    random_id,
+    to_openai_error,
+)
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | SSEStream:
+        """Validate, render the chat, add the request, and return the response or the SSE lines."""
+        model_name = self.check_model(request.model)
+        prompt_ids = await self.engine.run_in_tokenizer_thread(apply_chat_template, self.tokenizer,
+                                                               request.messages)
+        params = request.to_sampling_params(self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens))
+        request_id = random_id("chatcmpl")
+        streams = await self.add_requests(request_id, [prompt_ids], [params], request.priority)
+        header = dict(id=request_id, created=int(time.time()), model=model_name)
+        if request.stream:
+            return SSEStream(self._stream(request, len(prompt_ids), merge_streams(streams), header), streams)
+        (final,) = await collect_final(streams)
+        choices = [
+            ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),
+                       logprobs=self._logprobs(request, c.token_ids, c.logprobs), finish_reason=c.finish_reason,
+                       stop_reason=c.stop_reason)
+            for c in sorted(final.outputs, key=lambda c: c.index)
+        ]
+        num_generated = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=num_generated,
+                          total_tokens=len(prompt_ids) + num_generated)
+        return ChatCompletionResponse(**header, choices=choices, usage=usage)
+
+    def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
+                  steps: list[dict[int, Logprob]] | None) -> ChatLogProbs | None:
+        """Per token: its text, logprob, UTF-8 bytes and the ``top_logprobs`` most likely tokens."""
+        if not request.logprobs:
+            return None
+        num_top = request.top_logprobs or 0
+        content = []
+        for token_id, step in zip(token_ids, steps or [{}] * len(token_ids), strict=True):
+            sampled = step.get(token_id)
+            token = self.token_text(token_id, sampled)
+            ranked = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:num_top]
+            top = [self._top_logprob(t, lp) for t, lp in ranked]
+            content.append(ChatLogprobToken(token=token, logprob=clamp_logprob(sampled.logprob if sampled else None),
+                                            bytes=list(token.encode("utf-8")), top_logprobs=top))
+        return ChatLogProbs(content=content)
+
+    def _top_logprob(self, token_id: int, logprob: Logprob) -> TopLogprob:
+        token = self.token_text(token_id, logprob)
+        return TopLogprob(token=token, logprob=clamp_logprob(logprob.logprob), bytes=list(token.encode("utf-8")))
+
+    def _chunk(self, header: dict, index: int, delta: DeltaMessage, sample: CompletionOutput | None = None,
+               logprobs: ChatLogProbs | None = None) -> str:
+        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs,
+                                  finish_reason=sample.finish_reason if sample else None,
+                                  stop_reason=sample.stop_reason if sample else None)
+        chunk = ChatCompletionChunk(**header, choices=[choice])
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    async def _stream(self, request: ChatCompletionRequest, num_prompt_tokens: int,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]], header: dict) -> AsyncIterator[str]:
+        n = request.n or 1
+        seen_chars, seen_tokens, finished = [0] * n, [0] * n, [False] * n
+        usage = UsageInfo(prompt_tokens=num_prompt_tokens)
+        try:
+            for index in range(n):  # the role first, before any token exists (as OpenAI does)
+                yield self._chunk(header, index, DeltaMessage(role="assistant", content=""))
+            async for _, output in outputs:
+                for sample in output.outputs:
+                    idx = sample.index
+                    if finished[idx]:  # a finished sample keeps appearing while its siblings run
+                        continue
+                    text = sample.text[seen_chars[idx]:]
+                    new_ids = sample.token_ids[seen_tokens[idx]:]
+                    new_steps = None if sample.logprobs is None else sample.logprobs[seen_tokens[idx]:]
+                    if not (text or sample.finish_reason or (new_ids and request.logprobs)):
+                        continue
+                    seen_chars[idx], seen_tokens[idx] = len(sample.text), len(sample.token_ids)
+                    finished[idx] = sample.finish_reason is not None
+                    if finished[idx]:
+                        usage.completion_tokens += len(sample.token_ids)
+                    delta = DeltaMessage(content=text) if text else DeltaMessage()
+                    yield self._chunk(header, idx, delta, sample, self._logprobs(request, new_ids, new_steps))
+            if request.include_usage_in_stream:
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                chunk = ChatCompletionChunk(**header, choices=[], usage=usage)
+                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        except Exception as e:  # headers are sent: report the error in the stream
+            yield to_openai_error(e).to_sse()
+        finally:
+            await outputs.aclose()  # aborts the request if it is still running
+        yield "data: [DONE]\n\n"

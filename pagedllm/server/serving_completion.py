@@ -1,0 +1,190 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) -> completions, whole or streamed.
+
+One engine request per prompt; its n samples come back as choices
+``prompt_index * n + sample_index``, as OpenAI numbers them. Streamed chunks
+carry the new suffix of each choice's cumulative text; ``echo`` puts the prompt
+(and with ``logprobs`` its prompt logprobs) in front of the first one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.server.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from pagedllm.server.serving_engine import (
+    OpenAIServing,
+    SSEStream,
+    bad_request,
+    clamp_logprob,
+    collect_final,
+    merge_streams,
+    random_id,
+    to_openai_error,
+)
+
+StepLogprobs = dict[int, Logprob] | None
+
+
+@dataclass
+class _Prompt:
+    text: str | None  # None for token-id prompts until echo needs it decoded
+    token_ids: list[int]
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEStream:
+        """Validate, add the requests, and return the response or (stream=True) the SSE lines."""
+        model_name = self.check_model(request.model)
+        prompts = await self._tokenize(request)
+        params = [request.to_sampling_params(self.resolve_max_tokens(len(p.token_ids), request.max_tokens))
+                  for p in prompts]  # one SamplingParams per request: the engine fills in fields of its own
+        request_id = random_id("cmpl")
+        streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)
+        header = dict(id=request_id, created=int(time.time()), model=model_name)
+        if request.stream:
+            return SSEStream(self._stream(request, prompts, merge_streams(streams), header), streams)
+        finals = await collect_final(streams)
+        choices, usage = [], UsageInfo()
+        for prompt, final in zip(prompts, finals, strict=True):
+            usage.prompt_tokens += len(prompt.token_ids)
+            for sample in self._best(final, request.n or 1):
+                usage.completion_tokens += len(sample.token_ids)
+                choices.append(self._choice(request, prompt, final, sample, len(choices)))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return CompletionResponse(**header, choices=choices, usage=usage)
+
+    async def _tokenize(self, request: CompletionRequest) -> list[_Prompt]:
+        raw = request.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]  # one prompt: a string or one list of token ids
+        if not raw:
+            raise bad_request("prompt must not be empty", "prompt")
+        texts = [p for p in raw if isinstance(p, str)]
+        encoded = iter(await self.engine.run_in_tokenizer_thread(lambda: [self.tokenizer.encode(t) for t in texts]))
+        prompts = []
+        for p in raw:
+            if isinstance(p, str):
+                prompts.append(_Prompt(p, next(encoded)))
+            else:
+                self.check_token_ids(p, "prompt")
+                prompts.append(_Prompt(None, list(p)))
+        if request.echo:
+            undecoded = [p for p in prompts if p.text is None]
+            decoded = await self.engine.run_in_tokenizer_thread(
+                lambda: [self.tokenizer.decode(p.token_ids) for p in undecoded])
+            for p, text in zip(undecoded, decoded, strict=True):
+                p.text = text
+        return prompts
+
+    @staticmethod
+    def _best(final: RequestOutput, n: int) -> list[CompletionOutput]:
+        """The n samples to return: all of them, or the n most likely when best_of > n."""
+        samples = sorted(final.outputs, key=lambda c: c.index)
+        if len(samples) > n:
+            samples = sorted(samples, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)[:n]
+        return samples
+
+    def _choice(self, request: CompletionRequest, prompt: _Prompt, final: RequestOutput,
+                sample: CompletionOutput, index: int) -> CompletionChoice:
+        text, token_ids, step_logprobs = sample.text, sample.token_ids, self._steps(sample)
+        if request.echo:
+            text = (prompt.text or "") + text
+            token_ids = prompt.token_ids + token_ids
+            step_logprobs = self._prompt_steps(final, prompt) + step_logprobs
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = self.completion_logprobs(token_ids, step_logprobs, request.logprobs, 0)
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=sample.finish_reason,
+                                stop_reason=sample.stop_reason)
+
+    @staticmethod
+    def _steps(sample: CompletionOutput, start: int = 0) -> list[StepLogprobs]:
+        if sample.logprobs is None:
+            return [None] * (len(sample.token_ids) - start)
+        return list(sample.logprobs[start:])
+
+    @staticmethod
+    def _prompt_steps(final: RequestOutput, prompt: _Prompt) -> list[StepLogprobs]:
+        steps = list(final.prompt_logprobs or [])
+        return steps + [None] * (len(prompt.token_ids) - len(steps))
+
+    def completion_logprobs(self, token_ids: list[int], steps: list[StepLogprobs], num_top: int,
+                            text_offset: int) -> CompletionLogProbs:
+        """OpenAI's legacy logprobs: per token its text, logprob, offset and the top alternatives.
+
+        ``top_logprobs`` holds the sampled token plus the top ``num_top`` (so up to num_top + 1
+        entries, as OpenAI documents); a position without logprobs (the first prompt token) is null.
+        """
+        out = CompletionLogProbs()
+        for token_id, step in zip(token_ids, steps, strict=True):
+            sampled = step.get(token_id) if step else None
+            token = self.token_text(token_id, sampled)
+            out.tokens.append(token)
+            out.text_offset.append(text_offset)
+            text_offset += len(token)
+            if step is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(clamp_logprob(sampled.logprob if sampled else None))
+            ranked = sorted(step.items(), key=lambda kv: (kv[0] != token_id, -kv[1].logprob))[: num_top + 1]
+            out.top_logprobs.append({self.token_text(t, lp): clamp_logprob(lp.logprob) for t, lp in ranked})
+        return out
+
+    async def _stream(self, request: CompletionRequest, prompts: list[_Prompt],
+                      outputs: AsyncIterator[tuple[int, RequestOutput]], header: dict) -> AsyncIterator[str]:
+        n = request.n or 1
+        num_choices = n * len(prompts)
+        sent_text = [0] * num_choices  # characters of the choice's text already sent (echo included)
+        seen_chars = [0] * num_choices  # characters of the engine's output text already sent
+        seen_tokens = [0] * num_choices
+        started = [False] * num_choices
+        finished = [False] * num_choices  # a finished sample keeps appearing while its siblings run
+        usage = UsageInfo(prompt_tokens=sum(len(p.token_ids) for p in prompts))
+        try:
+            async for i, output in outputs:
+                prompt = prompts[i]
+                for sample in output.outputs:
+                    idx = i * n + sample.index
+                    if finished[idx]:
+                        continue
+                    text = sample.text[seen_chars[idx]:]
+                    token_ids = sample.token_ids[seen_tokens[idx]:]
+                    steps = self._steps(sample, seen_tokens[idx])
+                    if request.echo and not started[idx]:
+                        text = (prompt.text or "") + text
+                        token_ids = prompt.token_ids + token_ids
+                        steps = self._prompt_steps(output, prompt) + steps
+                    if not (text or sample.finish_reason or (token_ids and request.logprobs is not None)):
+                        continue
+                    started[idx] = True
+                    seen_chars[idx], seen_tokens[idx] = len(sample.text), len(sample.token_ids)
+                    logprobs = None
+                    if request.logprobs is not None:
+                        logprobs = self.completion_logprobs(token_ids, steps, request.logprobs, sent_text[idx])
+                    sent_text[idx] += len(text)
+                    if sample.finish_reason:
+                        finished[idx] = True
+                        usage.completion_tokens += len(sample.token_ids)
+                    choice = CompletionChoice(index=idx, text=text, logprobs=logprobs,
+                                              finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+                    chunk = CompletionResponse(**header, choices=[choice])
+                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+            if request.include_usage_in_stream:
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                chunk = CompletionResponse(**header, choices=[], usage=usage)
+                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        except Exception as e:  # headers are sent: report the error in the stream
+            yield to_openai_error(e).to_sse()
+        finally:
+            await outputs.aclose()  # aborts whatever is still running
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,231 @@
+"""What the completion and chat handlers share: errors, model and length checks, request fan-out.
+
+``OpenAIServing`` adds one engine request per prompt (all of them before a
+response starts, so a rejected prompt is still a clean 400), merges their
+output streams, and aborts every one of them when the handler ends early (a
+client that disconnects, an error, a cancelled task): no request outlives its
+HTTP connection and no block stays held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from pagedllm.outputs import Logprob, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+# JSON has no -inf; OpenAI-compatible servers clamp logprobs to this floor.
+LOGPROB_FLOOR = -9999.0
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+
+    def to_response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+    def to_sse(self) -> str:
+        body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code))
+        return f"data: {body.model_dump_json()}\n\n"
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(message, 400, "invalid_request_error", param, "invalid_value")
+
+
+def value_error_to_400(message: str) -> OpenAIError:
+    """A 400 whose ``param`` is the field the message starts with (our ValueErrors name it first)."""
+    head = message.split(" ", 1)[0].split("[", 1)[0].split(".", 1)[0].rstrip(":,")
+    return bad_request(message, head if head.isidentifier() else None)
+
+
+def to_openai_error(error: BaseException) -> OpenAIError:
+    """Map an exception from validation or the engine to the error the client sees."""
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, ValueError):
+        return value_error_to_400(str(error))
+    if isinstance(error, EngineDeadError):
+        return OpenAIError(str(error), 503, "server_error", code="engine_dead")
+    logger.error("request failed", exc_info=error)
+    return OpenAIError(f"internal error: {error!r}", 500, "server_error", code="internal_error")
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def clamp_logprob(value: float | None) -> float:
+    if value is None or value != value:  # None or NaN
+        return LOGPROB_FLOOR
+    return max(value, LOGPROB_FLOOR)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str]) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.tokenizer = engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.model_config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        hf_config = getattr(self.engine.model_config, "hf_config", None)
+        return int(getattr(hf_config, "vocab_size", None) or len(self.tokenizer))
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        # Checked here as well as in the engine: an id past the embedding would fail the whole batch's step.
+        vocab_size = self.vocab_size
+        for t in token_ids:
+            if not 0 <= t < vocab_size:
+                raise bad_request(f"{param} contains token id {t}, outside the vocabulary [0, {vocab_size})", param)
+
+    def check_model(self, model: str | None) -> str:
+        """The name to report for the requested ``model`` (None means the served model); 404 if unknown."""
+        if model is None or model in self.served_model_names:
+            return self.served_model_names[0] if model is None else model
+        raise OpenAIError(f"The model `{model}` does not exist.", 404, "invalid_request_error", "model",
+                          "model_not_found")
+
+    def resolve_max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """``requested``, or all the room the context leaves; 400 if the prompt and it do not fit."""
+        if prompt_len == 0:
+            raise bad_request("prompt must not be empty", "prompt")
+        room = self.max_model_len - prompt_len
+        if requested is None:
+            if room < 1:
+                raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. "
+                                  f"However, your prompt has {prompt_len} tokens. Please reduce its length.",
+                                  "messages")
+            return room
+        if isinstance(requested, int) and requested > room:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                              f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+                              f"{requested} in the completion). Please reduce the prompt or max_tokens.",
+                              "max_tokens")
+        return requested
+
+    async def add_requests(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                           priority: int) -> list[RequestStream]:
+        """Add one engine request per prompt; if any is rejected, abort those already added and raise."""
+        streams: list[RequestStream] = []
+        try:
+            for i, (prompt_ids, sp) in enumerate(zip(prompts, params, strict=True)):
+                streams.append(await self.engine.add_request(f"{request_id}-{i}", prompt_ids, sp, priority))
+        except BaseException:
+            for stream in streams:
+                stream.abort()
+            raise
+        return streams
+
+    def token_text(self, token_id: int, logprob: Logprob | None) -> str:
+        if logprob is not None and logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return self.tokenizer.decode([token_id])
+
+
+class SSEStream:
+    """The body of a streamed response, holding its requests so ``aclose()`` can abort them.
+
+    Closing the body generator is not enough: a generator that never started (the client
+    left before the first chunk) runs no ``finally``.
+    """
+
+    def __init__(self, body: AsyncIterator[str], streams: list[RequestStream]) -> None:
+        self.body = body
+        self.streams = streams
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.body
+
+    async def aclose(self) -> None:
+        for stream in self.streams:
+            stream.abort()
+        await self.body.aclose()
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield (prompt index, output) from all streams as they arrive; abort them all when closed early."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((i, output))
+            queue.put_nowait((i, None))
+        except Exception as e:  # the engine's error for this request: re-raised to the consumer
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+
+
+async def collect_final(streams: list[RequestStream]) -> list[RequestOutput]:
+    """The finished output of every stream, in prompt order."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    async for i, output in merge_streams(streams):
+        finals[i] = output
+    return [f for f in finals if f is not None]
+
+
+async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a non-streaming handler, cancelling it (and so aborting its requests) if the client leaves.
+
+    Streaming responses need no help: Starlette cancels the body iterator on disconnect.
+    """
+    handler_task = asyncio.ensure_future(handler)
+
+    async def wait_disconnect() -> None:
+        while True:
+            message: dict[str, Any] = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait([handler_task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        handler_task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not handler_task.done():
+        handler_task.cancel()
+        return Response(status_code=499)  # nobody reads it: the client is gone
+    return handler_task.result()
