@@ -29,16 +29,21 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, regi
 from pagedllm.attention.triton_paged_attention import paged_attention, reshape_and_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
+# Tuning constants, measured on an H200 (benchmarks/ATTENTION_NOTES.md): programs per SM the
+# split heuristic aims for (4 over-split batch 8 and 64), keys per split below which splitting
+# costs more than it adds, the most splits, and pipeline depth of the decode loop (2 beat 3 at
+# batch 8 and tied at batch 256).
+PROGRAMS_PER_SM = 2
+MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 32
-WAVES_PER_SM = 4  # resident programs per SM the split heuristic aims for
+DECODE_NUM_STAGES = 2
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Split count (a power of two) for a decode batch: split only when
     (sequence, KV head) programs alone leave SMs idle and contexts are long."""
     programs = num_seqs * num_kv_heads
-    target = WAVES_PER_SM * num_sms
+    target = PROGRAMS_PER_SM * num_sms
     if programs >= target:
         return 1
     wanted = min(triton.cdiv(target, programs), max_seq_len // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
@@ -52,11 +57,12 @@ def _tile_n(head_dim: int) -> int:
     return 64 if head_dim <= 128 else 32
 
 
-def _prefill_block_m(max_query_len: int, queries_per_kv: int, head_dim: int) -> int:
-    """Query rows per program: enough for the longest chunk, 16..128 (64 for head_dim 256)."""
+def _prefill_block_m(max_query_len: int, queries_per_kv: int) -> int:
+    """Query rows per program: enough for the longest chunk, 16..64. On the H200 64 rows and
+    4 warps ran a causal prefill as fast as 128 rows and 8 warps, and waste less on the
+    decode rows of a mixed batch (each decode fills only queries_per_kv rows of its block)."""
     smallest = max(16, triton.next_power_of_2(queries_per_kv))
-    largest = max(smallest, 128 if head_dim <= 128 else 64)
-    return min(max(triton.next_power_of_2(max(1, max_query_len) * queries_per_kv), smallest), largest)
+    return min(max(triton.next_power_of_2(max(1, max_query_len) * queries_per_kv), smallest), max(smallest, 64))
 
 
 @register_backend("triton")
@@ -94,9 +100,10 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits = self.decode_num_splits or choose_num_splits(
                 metadata.num_seqs, kv_cache.shape[3], metadata.max_seq_len, self._sm_count(query.device))
             paged_attention(out, query, kv_cache, decode_only=True, num_splits=num_splits,
-                            block_m=max(16, triton.next_power_of_2(queries_per_kv)), **common)
+                            block_m=max(16, triton.next_power_of_2(queries_per_kv)),
+                            num_stages=DECODE_NUM_STAGES, **common)
         else:
-            block_m = _prefill_block_m(metadata.max_query_len, queries_per_kv, head_dim)
+            block_m = _prefill_block_m(metadata.max_query_len, queries_per_kv)
             paged_attention(out, query, kv_cache, decode_only=False, block_m=block_m,
                             num_warps=8 if block_m >= 128 else 4, **common)
         return out

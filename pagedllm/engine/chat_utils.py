@@ -42,6 +42,8 @@ def _message_text(index: int, message: Any) -> str:
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                 chat_template: str | None = None) -> str:
     """Validate ``messages`` and render them with the chat template to the prompt text."""
+    if tokenizer is None:
+        raise ValueError("messages cannot be rendered: the engine runs without a tokenizer")
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
     conversation = []

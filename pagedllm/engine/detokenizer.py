@@ -16,9 +16,9 @@ Both are solved by decoding a short window of recent tokens twice, without and
 with the new ones, and emitting the difference, holding back while the window
 ends in U+FFFD (an incomplete UTF-8 sequence)::
 
-    tokens:   ... | prefix window   | read window | new token
-                  ^ prefix_offset   ^ read_offset
-    emitted:  decode(prefix .. new) minus decode(prefix .. read)
+    tokens:  ... | t[prefix_offset:read_offset] | t[read_offset:]
+                   context, already emitted       new, not yet emitted
+    emit:    decode(t[prefix_offset:]) minus decode(t[prefix_offset:read_offset])
 
 Fast (Rust ``tokenizers``) tokenizers do this natively in ``DecodeStream`` (as
 vLLM v1's FastIncrementalDetokenizer uses it); other tokenizers get the classic
@@ -54,8 +54,6 @@ _CONTEXT_MIN_TOKENS = 4
 _CONTEXT_MAX_TOKENS = 24
 # An incomplete character at the end of a prompt spans at most 3 tokens (4-byte UTF-8, byte fallback).
 _MAX_PARTIAL_CHAR_TOKENS = 3
-# Classic algorithm: the prefix window starts this many tokens before the read offset.
-_INITIAL_PREFIX_WINDOW = 5
 
 
 class IncrementalDetokenizer:
@@ -63,7 +61,8 @@ class IncrementalDetokenizer:
 
     ``update`` returns the stop string that ended the sequence (the text is then
     cut before it, or right after it with ``include_stop_str_in_output``); the
-    caller finishes the sequence and sends no more tokens. A token id that ends
+    caller finishes the sequence (tokens sent after that are ignored and the same
+    stop string is returned again). A token id that ends
     generation (EOS, ``stop_token_ids``) should not be passed in unless its text
     belongs in the output.
     """
@@ -94,7 +93,7 @@ class IncrementalDetokenizer:
         # bare content (the decoder may prefix it with a space). Moot when they are skipped.
         self._added_tokens: dict[int, str] | None = None
         if not skip and not params.spaces_between_special_tokens:
-            self._added_tokens = {tid: str(tok) for tid, tok in tokenizer.added_tokens_decoder.items()}
+            self._added_tokens = {tid: tok.content for tid, tok in tokenizer.added_tokens_decoder.items()}
         self._prev_was_added = False
 
     def update(self, new_token_ids: list[int]) -> str | None:
@@ -220,9 +219,10 @@ class _OffsetTokenStream:
         self._skip = skip_special_tokens
         self._vocab_size = len(tokenizer)
         decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        # The prefix window must start on a character boundary (a byte-fallback decoder turns a whole
+        # run of byte tokens into U+FFFD if it starts mid-character), so it is the whole clean context.
         self._tokens: list[str] = self._to_tokens(_prompt_context(prompt_token_ids, decode))
-        self._read_offset = len(self._tokens)
-        self._prefix_offset = max(self._read_offset - _INITIAL_PREFIX_WINDOW, 0)
+        self._prefix_offset, self._read_offset = 0, len(self._tokens)
 
     def _to_tokens(self, token_ids: list[int]) -> list[str]:
         # Ids past the tokenizer's vocabulary (padded embedding rows) render as nothing.

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from pagedllm.engine.chat_utils import apply_chat_template
-from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.outputs import Logprob, RequestOutput
 from pagedllm.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -27,13 +27,14 @@ from pagedllm.server.protocol import (
     UsageInfo,
 )
 from pagedllm.server.serving_engine import (
+    DeltaTracker,
     OpenAIServing,
     SSEStream,
     clamp_logprob,
     collect_final,
     merge_streams,
     random_id,
-    to_openai_error,
+    sse,
 )
 
 
@@ -64,13 +65,14 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(**header, choices=choices, usage=usage)
 
     def _logprobs(self, request: ChatCompletionRequest, token_ids: list[int],
-                  steps: list[dict[int, Logprob]] | None) -> ChatLogProbs | None:
+                  steps: list[dict[int, Logprob] | None] | None) -> ChatLogProbs | None:
         """Per token: its text, logprob, UTF-8 bytes and the ``top_logprobs`` most likely tokens."""
         if not request.logprobs:
             return None
         num_top = request.top_logprobs or 0
         content = []
-        for token_id, step in zip(token_ids, steps or [{}] * len(token_ids), strict=True):
+        for token_id, step in zip(token_ids, steps or [None] * len(token_ids), strict=True):
+            step = step or {}
             sampled = step.get(token_id)
             token = self.token_text(token_id, sampled)
             ranked = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:num_top]
@@ -83,44 +85,26 @@ class OpenAIServingChat(OpenAIServing):
         token = self.token_text(token_id, logprob)
         return TopLogprob(token=token, logprob=clamp_logprob(logprob.logprob), bytes=list(token.encode("utf-8")))
 
-    def _chunk(self, header: dict, index: int, delta: DeltaMessage, sample: CompletionOutput | None = None,
-               logprobs: ChatLogProbs | None = None) -> str:
-        choice = ChatStreamChoice(index=index, delta=delta, logprobs=logprobs,
-                                  finish_reason=sample.finish_reason if sample else None,
-                                  stop_reason=sample.stop_reason if sample else None)
-        chunk = ChatCompletionChunk(**header, choices=[choice])
-        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-
     async def _stream(self, request: ChatCompletionRequest, num_prompt_tokens: int,
                       outputs: AsyncIterator[tuple[int, RequestOutput]], header: dict) -> AsyncIterator[str]:
         n = request.n or 1
-        seen_chars, seen_tokens, finished = [0] * n, [0] * n, [False] * n
+        tracker = DeltaTracker(n)
         usage = UsageInfo(prompt_tokens=num_prompt_tokens)
-        try:
-            for index in range(n):  # the role first, before any token exists (as OpenAI does)
-                yield self._chunk(header, index, DeltaMessage(role="assistant", content=""))
-            async for _, output in outputs:
-                for sample in output.outputs:
-                    idx = sample.index
-                    if finished[idx]:  # a finished sample keeps appearing while its siblings run
-                        continue
-                    text = sample.text[seen_chars[idx]:]
-                    new_ids = sample.token_ids[seen_tokens[idx]:]
-                    new_steps = None if sample.logprobs is None else sample.logprobs[seen_tokens[idx]:]
-                    if not (text or sample.finish_reason or (new_ids and request.logprobs)):
-                        continue
-                    seen_chars[idx], seen_tokens[idx] = len(sample.text), len(sample.token_ids)
-                    finished[idx] = sample.finish_reason is not None
-                    if finished[idx]:
-                        usage.completion_tokens += len(sample.token_ids)
-                    delta = DeltaMessage(content=text) if text else DeltaMessage()
-                    yield self._chunk(header, idx, delta, sample, self._logprobs(request, new_ids, new_steps))
-            if request.include_usage_in_stream:
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                chunk = ChatCompletionChunk(**header, choices=[], usage=usage)
-                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-        except Exception as e:  # headers are sent: report the error in the stream
-            yield to_openai_error(e).to_sse()
-        finally:
-            await outputs.aclose()  # aborts the request if it is still running
-        yield "data: [DONE]\n\n"
+        for index in range(n):  # the role first, before any token exists (as OpenAI does)
+            choice = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+            yield sse(ChatCompletionChunk(**header, choices=[choice]))
+        async for _, output in outputs:
+            for sample in output.outputs:
+                delta = tracker.next(sample.index, sample)
+                if delta is None or not (delta.text or sample.finish_reason or (delta.token_ids and request.logprobs)):
+                    continue
+                if sample.finish_reason:
+                    usage.completion_tokens += len(sample.token_ids)
+                choice = ChatStreamChoice(
+                    index=sample.index, delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
+                    logprobs=self._logprobs(request, delta.token_ids, delta.logprobs),
+                    finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+                yield sse(ChatCompletionChunk(**header, choices=[choice]))
+        if request.include_usage_in_stream:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield sse(ChatCompletionChunk(**header, choices=[], usage=usage))

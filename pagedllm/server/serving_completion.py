@@ -21,6 +21,7 @@ from pagedllm.server.protocol import (
     UsageInfo,
 )
 from pagedllm.server.serving_engine import (
+    DeltaTracker,
     OpenAIServing,
     SSEStream,
     bad_request,
@@ -28,7 +29,7 @@ from pagedllm.server.serving_engine import (
     collect_final,
     merge_streams,
     random_id,
-    to_openai_error,
+    sse,
 )
 
 StepLogprobs = dict[int, Logprob] | None
@@ -56,7 +57,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choices, usage = [], UsageInfo()
         for prompt, final in zip(prompts, finals, strict=True):
             usage.prompt_tokens += len(prompt.token_ids)
-            for sample in self._best(final, request.n or 1):
+            for sample in sorted(final.outputs, key=lambda c: c.index):  # best_of: the engine keeps the n best
                 usage.completion_tokens += len(sample.token_ids)
                 choices.append(self._choice(request, prompt, final, sample, len(choices)))
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -77,21 +78,13 @@ class OpenAIServingCompletion(OpenAIServing):
             else:
                 self.check_token_ids(p, "prompt")
                 prompts.append(_Prompt(None, list(p)))
-        if request.echo:
+        if request.echo and self.tokenizer is not None:
             undecoded = [p for p in prompts if p.text is None]
             decoded = await self.engine.run_in_tokenizer_thread(
                 lambda: [self.tokenizer.decode(p.token_ids) for p in undecoded])
             for p, text in zip(undecoded, decoded, strict=True):
                 p.text = text
         return prompts
-
-    @staticmethod
-    def _best(final: RequestOutput, n: int) -> list[CompletionOutput]:
-        """The n samples to return: all of them, or the n most likely when best_of > n."""
-        samples = sorted(final.outputs, key=lambda c: c.index)
-        if len(samples) > n:
-            samples = sorted(samples, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)[:n]
-        return samples
 
     def _choice(self, request: CompletionRequest, prompt: _Prompt, final: RequestOutput,
                 sample: CompletionOutput, index: int) -> CompletionChoice:
@@ -107,10 +100,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                 stop_reason=sample.stop_reason)
 
     @staticmethod
-    def _steps(sample: CompletionOutput, start: int = 0) -> list[StepLogprobs]:
-        if sample.logprobs is None:
-            return [None] * (len(sample.token_ids) - start)
-        return list(sample.logprobs[start:])
+    def _steps(sample: CompletionOutput) -> list[StepLogprobs]:
+        return list(sample.logprobs) if sample.logprobs is not None else [None] * len(sample.token_ids)
 
     @staticmethod
     def _prompt_steps(final: RequestOutput, prompt: _Prompt) -> list[StepLogprobs]:
@@ -143,48 +134,32 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _stream(self, request: CompletionRequest, prompts: list[_Prompt],
                       outputs: AsyncIterator[tuple[int, RequestOutput]], header: dict) -> AsyncIterator[str]:
         n = request.n or 1
-        num_choices = n * len(prompts)
-        sent_text = [0] * num_choices  # characters of the choice's text already sent (echo included)
-        seen_chars = [0] * num_choices  # characters of the engine's output text already sent
-        seen_tokens = [0] * num_choices
-        started = [False] * num_choices
-        finished = [False] * num_choices  # a finished sample keeps appearing while its siblings run
+        tracker = DeltaTracker(n * len(prompts))
+        sent_chars = [0] * (n * len(prompts))  # text already sent per choice, echo included: the logprob offsets
         usage = UsageInfo(prompt_tokens=sum(len(p.token_ids) for p in prompts))
-        try:
-            async for i, output in outputs:
-                prompt = prompts[i]
-                for sample in output.outputs:
-                    idx = i * n + sample.index
-                    if finished[idx]:
-                        continue
-                    text = sample.text[seen_chars[idx]:]
-                    token_ids = sample.token_ids[seen_tokens[idx]:]
-                    steps = self._steps(sample, seen_tokens[idx])
-                    if request.echo and not started[idx]:
-                        text = (prompt.text or "") + text
-                        token_ids = prompt.token_ids + token_ids
-                        steps = self._prompt_steps(output, prompt) + steps
-                    if not (text or sample.finish_reason or (token_ids and request.logprobs is not None)):
-                        continue
-                    started[idx] = True
-                    seen_chars[idx], seen_tokens[idx] = len(sample.text), len(sample.token_ids)
-                    logprobs = None
-                    if request.logprobs is not None:
-                        logprobs = self.completion_logprobs(token_ids, steps, request.logprobs, sent_text[idx])
-                    sent_text[idx] += len(text)
-                    if sample.finish_reason:
-                        finished[idx] = True
-                        usage.completion_tokens += len(sample.token_ids)
-                    choice = CompletionChoice(index=idx, text=text, logprobs=logprobs,
-                                              finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
-                    chunk = CompletionResponse(**header, choices=[choice])
-                    yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-            if request.include_usage_in_stream:
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-                chunk = CompletionResponse(**header, choices=[], usage=usage)
-                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-        except Exception as e:  # headers are sent: report the error in the stream
-            yield to_openai_error(e).to_sse()
-        finally:
-            await outputs.aclose()  # aborts whatever is still running
-        yield "data: [DONE]\n\n"
+        async for i, output in outputs:
+            for sample in output.outputs:
+                index = i * n + sample.index
+                delta = tracker.next(index, sample)
+                if delta is None:
+                    continue
+                text, token_ids, steps = delta.text, delta.token_ids, delta.logprobs
+                if request.echo and delta.first:
+                    prompt = prompts[i]
+                    text = (prompt.text or "") + text
+                    token_ids = prompt.token_ids + token_ids
+                    steps = self._prompt_steps(output, prompt) + steps
+                if not (text or sample.finish_reason or (token_ids and request.logprobs is not None)):
+                    continue
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = self.completion_logprobs(token_ids, steps, request.logprobs, sent_chars[index])
+                sent_chars[index] += len(text)
+                if sample.finish_reason:
+                    usage.completion_tokens += len(sample.token_ids)
+                choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                          finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
+                yield sse(CompletionResponse(**header, choices=[choice]))
+        if request.include_usage_in_stream:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield sse(CompletionResponse(**header, choices=[], usage=usage))

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
-from pagedllm.outputs import Logprob, RequestOutput
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.protocol import ErrorInfo, ErrorResponse
 
@@ -143,27 +145,79 @@ class OpenAIServing:
     def token_text(self, token_id: int, logprob: Logprob | None) -> str:
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event; unset optional fields (delta.role, logprobs, ...) are left out."""
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 
 class SSEStream:
-    """The body of a streamed response, holding its requests so ``aclose()`` can abort them.
+    """The body of a streamed response: ``events`` then ``data: [DONE]``, an error as an error event.
 
-    Closing the body generator is not enough: a generator that never started (the client
-    left before the first chunk) runs no ``finally``.
+    It holds the requests so that ``aclose()`` can abort them however the response ends:
+    closing a generator is not enough, since one that never started (the client left
+    before the first chunk) runs no ``finally``.
     """
 
-    def __init__(self, body: AsyncIterator[str], streams: list[RequestStream]) -> None:
-        self.body = body
+    def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream]) -> None:
+        self.events = events
         self.streams = streams
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self.body
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[str]:
+        try:
+            async for event in self.events:
+                yield event
+        except Exception as e:  # the headers are sent: report the error in the stream
+            yield to_openai_error(e).to_sse()
+        finally:
+            await self.aclose()
+        yield "data: [DONE]\n\n"
 
     async def aclose(self) -> None:
         for stream in self.streams:
             stream.abort()
-        await self.body.aclose()
+        await self.events.aclose()
+
+
+@dataclass
+class Delta:
+    """What one choice gained since the previous chunk."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]  # one per new token; None entries when not computed
+    first: bool  # the choice's first chunk
+    sample: CompletionOutput  # the cumulative output (finish_reason, stop_reason, all token ids)
+
+
+class DeltaTracker:
+    """Turns cumulative outputs into per-choice deltas; a finished choice yields nothing more.
+
+    (A finished sample keeps appearing in its request's outputs while its siblings run.)
+    """
+
+    def __init__(self, num_choices: int) -> None:
+        self.seen_chars = [0] * num_choices
+        self.seen_tokens = [0] * num_choices
+        self.started = [False] * num_choices
+        self.finished = [False] * num_choices
+
+    def next(self, index: int, sample: CompletionOutput) -> Delta | None:
+        if self.finished[index]:
+            return None
+        start = self.seen_tokens[index]
+        token_ids = sample.token_ids[start:]
+        logprobs = list(sample.logprobs[start:]) if sample.logprobs is not None else [None] * len(token_ids)
+        delta = Delta(sample.text[self.seen_chars[index]:], token_ids, logprobs, not self.started[index], sample)
+        self.seen_chars[index], self.seen_tokens[index] = len(sample.text), len(sample.token_ids)
+        self.started[index] = True
+        self.finished[index] = sample.finish_reason is not None
+        return delta
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -205,7 +205,8 @@ def test_choose_num_splits() -> None:
     # One long sequence: split, capped, a power of two.
     splits = choose_num_splits(num_seqs=1, num_kv_heads=8, max_seq_len=8192, num_sms=132)
     assert splits == 32
-    assert choose_num_splits(num_seqs=8, num_kv_heads=8, max_seq_len=4096, num_sms=132) == 8
+    assert choose_num_splits(num_seqs=8, num_kv_heads=8, max_seq_len=4096, num_sms=132) == 4
+    assert choose_num_splits(num_seqs=64, num_kv_heads=8, max_seq_len=4096, num_sms=132) == 1
     # Short contexts are not worth splitting.
     assert choose_num_splits(num_seqs=1, num_kv_heads=8, max_seq_len=300, num_sms=132) == 1
 

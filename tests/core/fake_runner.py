@@ -16,7 +16,7 @@ scheduler's invariants after every step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pagedllm.core.outputs import ModelRunnerOutput, RequestUpdate, SchedulerOutput
 from pagedllm.core.request import Request
@@ -105,18 +105,14 @@ class FakeRunner:
         return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled)
 
 
-@dataclass
 class Driver:
     """Runs the scheduler with a FakeRunner, checking invariants after every step."""
 
-    scheduler: Scheduler
-    runner: FakeRunner = None  # type: ignore[assignment]
-    steps: list[SchedulerOutput] = field(default_factory=list)
-    updates: list[list[RequestUpdate]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.runner is None:
-            self.runner = FakeRunner(self.scheduler.block_size, self.scheduler)
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.runner = FakeRunner(scheduler.block_size, scheduler)
+        self.steps: list[SchedulerOutput] = []  # every step's SchedulerOutput
+        self.updates: list[list[RequestUpdate]] = []  # and what update_from_output returned
 
     def step(self) -> SchedulerOutput:
         sched = self.scheduler
@@ -138,7 +134,7 @@ class Driver:
         for req_id in self.runner.reqs.keys() & sched.requests.keys():
             req = sched.requests[req_id]
             if not req.is_finished():
-                assert self.runner.reqs[req_id].token_ids == req.all_token_ids, f"runner and scheduler disagree on {req_id}"
+                assert self.runner.reqs[req_id].token_ids == req.all_token_ids, f"runner and scheduler differ on {req_id}"
         check_block_accounting(sched)
         self.steps.append(so)
         self.updates.append(ups)

@@ -1,4 +1,4 @@
-"""core/ stays pure Python: importing it must not pull in torch, nor any pagedllm layer but config and sampling_params."""
+"""core/ stays pure Python: importing it pulls in neither torch nor any pagedllm layer but config and sampling_params."""
 
 import ast
 import json

@@ -132,14 +132,17 @@ def _random_sequence(tokenizer, rng: random.Random, with_specials: bool, valid_u
     return out
 
 
-def _feed_and_check(tokenizer, det: IncrementalDetokenizer, ids: list[int], skip: bool,
-                    rng: random.Random) -> None:
+def _feed_and_check(tokenizer, prompt: list[int], ids: list[int], skip: bool, rng: random.Random) -> None:
     """Feed ids in random chunks of 1-3 tokens; compare the text after each with the full decode.
 
-    Where the decode so far ends in U+FFFD (an incomplete character, held back), the
-    text must be a prefix of the next clean decode. (Not of this one: a decoder may
-    render a whole run of bytes as U+FFFD while its last character is incomplete.)
+    The reference is what the output adds to the prompt's text: decode(prompt + output)
+    minus decode(prompt) (for byte-level BPE simply decode(output)). Where it ends in
+    U+FFFD (an incomplete character, held back), the text must be a prefix of the next
+    clean reference. (Not of this one: a byte-fallback decoder renders a whole run of
+    byte tokens as U+FFFD while its last character is incomplete.)
     """
+    det = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(skip_special_tokens=skip))
+    prompt_text = tokenizer.decode(prompt, skip_special_tokens=skip)
     texts, i = [], 0
     while i < len(ids):
         n = rng.randint(1, 3)
@@ -148,9 +151,11 @@ def _feed_and_check(tokenizer, det: IncrementalDetokenizer, ids: list[int], skip
         texts.append((i, det.output_text))
     pending = []
     for i, text in texts:
-        reference = tokenizer.decode(ids[:i], skip_special_tokens=skip)
+        full = tokenizer.decode(prompt + ids[:i], skip_special_tokens=skip)
+        reference = full[len(prompt_text):]
         pending.append(text)
-        if not reference.endswith(REPLACEMENT):
+        # (A byte-fallback run that continues the prompt's may re-render the prompt's end, too.)
+        if full.startswith(prompt_text) and not reference.endswith(REPLACEMENT):
             assert text == reference, (ids[:i], text, reference)
             assert all(reference.startswith(t) for t in pending), (pending, reference)
             pending = []
@@ -163,8 +168,7 @@ def _check_random_sequences(tokenizer, num_sequences: int, seed: int, prompt_fn,
     for _ in range(num_sequences):
         skip = rng.random() < 0.5
         ids = _random_sequence(tokenizer, rng, with_specials=rng.random() < 0.5, valid_utf8=valid_utf8)
-        det = IncrementalDetokenizer(tokenizer, prompt_fn(rng), SamplingParams(skip_special_tokens=skip))
-        _feed_and_check(tokenizer, det, ids, skip, rng)
+        _feed_and_check(tokenizer, prompt_fn(rng), ids, skip, rng)
 
 
 # ---- increments concatenate to the full decode ----------------------------------------------
@@ -180,8 +184,10 @@ def test_smollm2_random_sequences_match_full_decode(smollm2):
 def test_byte_fallback_random_sequences_match_full_decode(sp_tokenizer):
     ids = _encode(sp_tokenizer, TEXTS[5] + TEXTS[10])
     assert any(sp_tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # really splits bytes
-    # An empty prompt: the decoder strips the first leading space, as decode() does.
-    _check_random_sequences(sp_tokenizer, num_sequences=150, seed=1, prompt_fn=lambda rng: [], valid_utf8=True)
+    # With an empty prompt the decoder strips the first leading space, as decode() does; after a
+    # prompt the output continues it (its first "▁word" keeps the space).
+    for seed, prompt_fn in ((1, lambda rng: []), (2, lambda rng: _encode(sp_tokenizer, rng.choice(TEXTS)))):
+        _check_random_sequences(sp_tokenizer, num_sequences=100, seed=seed, prompt_fn=prompt_fn, valid_utf8=True)
 
 
 def test_invalid_bytes_from_byte_fallback_do_not_break_the_stream(sp_tokenizer, monkeypatch):
@@ -190,7 +196,7 @@ def test_invalid_bytes_from_byte_fallback_do_not_break_the_stream(sp_tokenizer, 
     real = detok_module.DecodeStream
     made = []
     monkeypatch.setattr(detok_module, "DecodeStream", lambda **kw: made.append(1) or real(**kw))
-    rng = random.Random(6)
+    rng = random.Random(7)
     num_sequences = 100
     for _ in range(num_sequences):
         ids = _random_sequence(sp_tokenizer, rng, with_specials=True)  # may start or split mid-character
@@ -211,15 +217,16 @@ def test_offset_algorithm_random_sequences(smollm2, sp_tokenizer, monkeypatch):
     monkeypatch.setattr(detok_module, "DecodeStream", None)
     det = IncrementalDetokenizer(smollm2, [], SamplingParams())
     assert isinstance(det._stream, detok_module._OffsetTokenStream)
-    _check_random_sequences(smollm2, num_sequences=80, seed=2,
-                            prompt_fn=lambda rng: _encode(smollm2, rng.choice(TEXTS)))
-    _check_random_sequences(sp_tokenizer, num_sequences=80, seed=3, prompt_fn=lambda rng: [], valid_utf8=True)
+    _check_random_sequences(smollm2, num_sequences=80, seed=3,
+                            prompt_fn=lambda rng: _random_sequence(smollm2, rng, with_specials=True))
+    _check_random_sequences(sp_tokenizer, num_sequences=80, seed=4, valid_utf8=True,
+                            prompt_fn=lambda rng: _random_sequence(sp_tokenizer, rng, True, valid_utf8=True))
 
 
 def test_slow_tokenizer_bytes_split_across_tokens(byt5):
     # ByT5 has one token per byte: every non-ASCII character spans 2-4 tokens.
     assert not byt5.is_fast
-    _check_random_sequences(byt5, num_sequences=60, seed=4,
+    _check_random_sequences(byt5, num_sequences=60, seed=5,
                             prompt_fn=lambda rng: _encode(byt5, rng.choice(TEXTS)))
 
 
@@ -238,7 +245,7 @@ def test_multibyte_character_is_never_emitted_half_done(sp_tokenizer, byt5, smol
 
 
 def test_prompt_context_sets_leading_space(sp_tokenizer):
-    # "▁Paris" after a prompt is a continuation: its space is kept. Alone, decode() strips it.
+    # "▁lazy" after a prompt is a continuation: its space is kept. Alone, decode() strips it.
     prompt = _encode(sp_tokenizer, "The quick brown fox")
     out = _encode(sp_tokenizer, "The lazy dog")[1:]  # "▁lazy▁dog" pieces
     full = sp_tokenizer.decode(prompt + out)
@@ -334,6 +341,7 @@ def test_stop_string_across_token_boundary(smollm2, include, chunk):
     cut = text.index(stop) + (len(stop) if include else 0)
     assert det.output_text == text[:cut]  # tokens after the stop string are not rendered
     assert det.get_next_output_text(finished=True, delta=False) == text[:cut]
+    assert det.update(ids[-2:]) == stop and det.output_text == text[:cut]  # finished: tokens ignored
 
 
 def test_stop_string_across_byte_fallback_tokens(sp_tokenizer):

@@ -14,6 +14,8 @@ CHATS = [
     "Write a long story about a robot who learns to paint, with many details about colours.",
     "List the planets of the solar system in order from the sun and say one fact about each.",
 ]
+# Prompts whose greedy continuations run past 32 tokens without EOS (35 and 43 tokens long).
+STORIES = ["Tell me a story.", "Write a story about a dragon and a knight who become friends."]
 
 
 def chat_ids(tokenizer, text):
@@ -63,7 +65,7 @@ def hf_greedy(hf_model, ids, num_new_tokens):
 
 def test_greedy_continuation_identical_to_hf_generate(smollm2):
     model, model_config, hf_model, tokenizer = smollm2
-    prompts = [chat_ids(tokenizer, CHATS[1]), chat_ids(tokenizer, CHATS[2])]
+    prompts = [chat_ids(tokenizer, t) for t in STORIES]
     expected = [hf_greedy(hf_model, p, 32) for p in prompts]
     assert all(len(e) == 32 for e in expected)  # no early EOS: the whole continuation is compared
     block_size = 16

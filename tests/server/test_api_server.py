@@ -120,6 +120,34 @@ def test_chat_whole_and_streamed(served):
     assert streamed_lps == choice["logprobs"]["content"]
 
 
+def test_chat_stream_with_n_choices(served):
+    _, _, app = served
+    body = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 3, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = sse_events(call(app, "POST", "/v1/chat/completions", body))
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}] * 2
+    contents = {0: "", 1: ""}
+    for event in events[2:-1]:
+        choice = event["choices"][0]
+        contents[choice["index"]] += choice["delta"].get("content", "")
+    assert contents == {0: expected_text("<assistant>", 3), 1: expected_text("<assistant>", 3)}
+    assert sum(1 for e in events for c in e["choices"] if c.get("finish_reason")) == 2
+    assert events[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_engine_failure_is_reported_to_the_request_not_the_server(served):
+    engine, _, app = served
+    engine.fail_next_steps = 1
+    events = sse_events(call(app, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 3, "stream": True}))
+    assert events[-1]["error"]["type"] == "server_error" and "toy engine failure" in events[-1]["error"]["message"]
+    engine.fail_next_steps = 1
+    response = call(app, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 3})
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert call(app, "GET", "/health", headers={}).status_code == 200
+    ok = call(app, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2})
+    assert ok.json()["choices"][0]["text"] == "cd"
+
+
 # (body or raw bytes, path, expected status, expected error param)
 BAD_REQUESTS = [
     ({"prompt": "a", "temperature": "hot"}, "/v1/completions", 400, "temperature"),

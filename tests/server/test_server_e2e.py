@@ -71,11 +71,8 @@ def client(server) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from pagedllm.config import ModelConfig
-    from pagedllm.loader import load_tokenizer
-
-    return load_tokenizer(ModelConfig(model=None))  # the default model's tokenizer, as the server loads it
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _metrics(base: str) -> dict[str, float]:
@@ -132,6 +129,9 @@ def test_n_samples(client):
     greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, n=2)
     assert [c.index for c in greedy.choices] == [0, 1]
     assert greedy.choices[0].text == greedy.choices[1].text
+    best = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=1.0, n=1, best_of=3,
+                                     seed=1)
+    assert len(best.choices) == 1 and best.choices[0].index == 0
     sampled = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, n=3,
                                              seed=7, logprobs=True)
     assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
@@ -197,6 +197,7 @@ ERROR_CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "stream": True, "max_tokens": 10**6}, 400, None),
     ("/v1/completions", b'{"model": ', 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": PROMPT, "best_of": 2, "stream": True}, 400, None),
     ("/v1/completions", {"model": "no-such-model", "prompt": PROMPT}, 404, None),
     ("/v1/completions", {"model": MODEL, "prompt": PROMPT}, 401, {}),
     ("/v1/completions", {"model": MODEL, "prompt": PROMPT}, 401, {"Authorization": "Bearer nope"}),
@@ -254,6 +255,23 @@ def test_disconnect_mid_stream_frees_everything(server):
         time.sleep(0.2)
     generated = after["pagedllm:generation_tokens_total"] - before["pagedllm:generation_tokens_total"]
     assert generated < 200, "the request ran on after the client left"
+
+
+def test_disconnect_while_waiting_for_a_whole_response_frees_everything(server):
+    before = _metrics(server)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0),
+                   headers={"Authorization": f"Bearer {KEY}"})
+    key = "pagedllm:request_success_total[abort]"
+    deadline = time.monotonic() + 20
+    while True:
+        after = _metrics(server)
+        if after["pagedllm:num_requests_running"] == 0 and after.get(key, 0) > before.get(key, 0):
+            break
+        assert time.monotonic() < deadline, f"request still running: {after}"
+        time.sleep(0.2)
+    assert after["pagedllm:kv_cache_usage_perc"] == 0
 
 
 def test_metrics_after_traffic(server):
