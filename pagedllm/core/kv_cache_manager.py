@@ -65,10 +65,12 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
-        if request.num_computed_tokens == 0 and request.num_preemptions == 0:
-            self.stats.queries += request.num_tokens
-            self.stats.hits += len(hit) * self.block_size
         return hit, len(hit) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup (not every retry while it waits for blocks)."""
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
 
     def allocate_slots(
         self,
@@ -109,6 +111,33 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.block_pool.cache_block(blocks[i], hashes[i])
         self.num_cached_blocks[request.request_id] = max(start, num_full)
+
+    def fork(self, parent: Request, child: Request, num_tokens: int) -> list[tuple[int, int]] | None:
+        """Give `child` the parent's KV for its first `num_tokens` tokens.
+
+        Full blocks are shared by ref count. A partly filled last block is copied on
+        write: the child writes its next token into that block, so it gets its own
+        copy now. Returns the (src, dst) block copies the runner must make before the
+        next forward, or None (changing nothing) when no block is free for the copy.
+
+            parent: [b0 full][b1 full][b2 partial]
+            child:  [b0 ----][b1 ----][b7 = copy of b2]      b0, b1 ref_cnt 2
+        """
+        blocks = self.req_to_blocks[parent.request_id]
+        num_full, partial = divmod(num_tokens, self.block_size)
+        if partial and self.block_pool.get_num_free_blocks() < 1:
+            return None
+        shared = blocks[:num_full]
+        self.block_pool.touch(shared)
+        child_blocks = list(shared)
+        copies = []
+        if partial:
+            new = self.block_pool.get_new_blocks(1)[0]
+            copies.append((blocks[num_full].block_id, new.block_id))
+            child_blocks.append(new)
+        self.req_to_blocks[child.request_id] = child_blocks
+        self.num_cached_blocks[child.request_id] = num_full if self.enable_caching else 0
+        return copies
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first so it is evicted first."""

@@ -40,10 +40,12 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # runner may drop these requests' state
     preempted_req_ids: set[str] = field(default_factory=set)
+    # KV block copies to make before this step's forward (copy-on-write of forked requests).
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
+        return self.total_num_scheduled_tokens == 0 and not self.blocks_to_copy
 
 
 @dataclass

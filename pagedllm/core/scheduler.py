@@ -42,10 +42,17 @@ class Scheduler:
         self._sent_to_runner: set[str] = set()
         self._finished_since_last_step: set[str] = set()
         self.num_preemptions = 0
+        # Parallel samples waiting for their source request's prompt KV (see add_request).
+        self.fork_waiters: dict[str, list[Request]] = {}
+        self._blocks_to_copy: list[tuple[int, int]] = []
 
     # ---- admission ---------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        """Queue a request; raise ValueError if it could never be served."""
+    def add_request(self, request: Request, fork_from: str | None = None) -> None:
+        """Queue a request; raise ValueError if it could never be served.
+
+        With `fork_from`, the request has the same prompt as that (earlier) request and
+        waits until it has computed the prompt, then shares its KV blocks (the n > 1
+        samples of one prompt are computed once)."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         max_len = self.config.max_model_len
@@ -64,7 +71,49 @@ class Scheduler:
                 f"prompt plus max_tokens ({total} tokens) needs {num_blocks_needed} KV cache blocks but the "
                 f"cache only has {self.kv_cache_manager.num_blocks}; lower max_tokens")
         self.requests[request.request_id] = request
-        self._enqueue(request)
+        source = self.requests.get(fork_from) if fork_from is not None else None
+        if source is not None and not source.is_finished() and source.prompt_token_ids == request.prompt_token_ids:
+            self.fork_waiters.setdefault(source.request_id, []).append(request)
+        else:
+            self._enqueue(request)
+
+    def fork_request(self, parent_id: str, child: Request) -> bool:
+        """Start `child` from the KV of running request `parent_id` (beam search).
+
+        The child's tokens must extend the parent's computed tokens; it shares those
+        blocks (copy-on-write for a partial last block). False if no block was free."""
+        parent = self.requests[parent_id]
+        num_shared = min(parent.num_computed_tokens, child.num_tokens - 1)
+        if child.all_token_ids[:num_shared] != parent.all_token_ids[:num_shared]:
+            raise ValueError("fork: the child's tokens must extend the parent's")
+        if child.request_id in self.requests:
+            raise ValueError(f"request_id {child.request_id!r} is already in use")
+        copies = self.kv_cache_manager.fork(parent, child, num_shared)
+        if copies is None:
+            return False
+        self._blocks_to_copy.extend(copies)
+        child.num_computed_tokens = num_shared
+        self.requests[child.request_id] = child
+        self._enqueue(child, front=True)
+        return True
+
+    def _release_fork_waiters(self, source: Request) -> None:
+        """Fork the samples waiting on `source` once its prompt (but the last token) is computed."""
+        waiters = self.fork_waiters.get(source.request_id)
+        if not waiters:
+            return
+        ready = [w for w in waiters if source.num_computed_tokens >= w.num_prompt_tokens - 1 or source.is_finished()]
+        for child in reversed(ready):  # each goes to the front: keep their order
+            waiters.remove(child)
+            copies = None
+            if not source.is_finished():
+                copies = self.kv_cache_manager.fork(source, child, child.num_prompt_tokens - 1)
+            if copies is not None:
+                self._blocks_to_copy.extend(copies)
+                child.num_computed_tokens = child.num_prompt_tokens - 1
+            self._enqueue(child, front=copies is not None)  # no copy possible: an ordinary prefill
+        if not waiters:
+            del self.fork_waiters[source.request_id]
 
     def _enqueue(self, request: Request, front: bool = False) -> None:
         if self.config.policy == "priority":
@@ -88,31 +137,43 @@ class Scheduler:
         scheduled_running: list[Request] = []
 
         # 1. Running requests first (decodes and unfinished chunked prefills).
-        idx = 0
-        while idx < len(self.running) and budget > 0:
-            req = self.running[idx]
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             new_blocks = self._allocate_or_preempt(req, num_new, preempted)
+            # A victim that was already scheduled this step gives its tokens back.
+            for victim in [r for r in scheduled_running if r.request_id in preempted]:
+                scheduled_running.remove(victim)
+                budget += num_scheduled.pop(victim.request_id)
+                cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
             if new_blocks is None:  # req itself was preempted
                 continue
             scheduled_running.append(req)
             num_scheduled[req.request_id] = num_new
             budget -= num_new
             cached_reqs.append(self._cached_data(req, new_blocks))
-            idx += 1
 
         # 2. Waiting requests, unless this step already had to preempt.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
+            forked = req.num_computed_tokens > 0
+            if forked:  # its KV blocks are already in place
+                hit_blocks, num_hit = [], req.num_computed_tokens
+            else:
+                hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
             if new_blocks is None:
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
-            if req.num_cached_tokens < 0:
+            if req.num_cached_tokens < 0:  # first admission
                 req.num_cached_tokens = num_hit
+                if not forked and self.kv_cache_manager.enable_caching and req.sampling_params.prompt_logprobs is None:
+                    self.kv_cache_manager.record_prefix_lookup(req.num_tokens, num_hit)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
@@ -133,8 +194,10 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=self._finished_since_last_step,
             preempted_req_ids=preempted,
+            blocks_to_copy=self._blocks_to_copy,
         )
         self._finished_since_last_step = set()
+        self._blocks_to_copy = []
         return out
 
     def _cached_data(self, req: Request, new_blocks: list) -> CachedRequestData:
@@ -178,6 +241,7 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens += n
+            self._release_fork_waiters(req)
             new_ids = sampled.get(req_id, [])
             if new_ids:
                 req.append_output_token_ids(new_ids)
@@ -214,8 +278,12 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
-            else:
+            elif req in self.waiting:
                 self.waiting.remove(req)
+            else:
+                for waiters in self.fork_waiters.values():
+                    if req in waiters:
+                        waiters.remove(req)
             self._finish(req, status)
             done.append(req)
         return done
@@ -227,6 +295,7 @@ class Scheduler:
         self.kv_cache_manager.forget(req)
         self._sent_to_runner.discard(req.request_id)
         self._finished_since_last_step.add(req.request_id)
+        self._release_fork_waiters(req)
 
     def free_finished(self, request_id: str) -> None:
         """Forget a finished request once its output has been delivered."""
@@ -234,7 +303,7 @@ class Scheduler:
 
     # ---- introspection -----------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.fork_waiters)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + sum(map(len, self.fork_waiters.values()))

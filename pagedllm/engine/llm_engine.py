@@ -126,7 +126,8 @@ class LLMEngine:
         added = []
         try:
             for req in children:
-                self.scheduler.add_request(req)
+                # Samples after the first share its prompt KV (fork) instead of recomputing it.
+                self.scheduler.add_request(req, fork_from=added[0] if added else None)
                 added.append(req.request_id)
         except ValueError:
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)

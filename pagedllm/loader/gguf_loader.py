@@ -76,7 +76,7 @@ def gguf_hf_config(path: str) -> Any:
         hf_config.head_dim = int(key_length)
     rope_freqs = _tensor(reader, "rope_freqs.weight")
     if rope_freqs is not None:
-        0 and _set_rope_scaling(hf_config, _llama3_scaling(hf_config, np.asarray(rope_freqs.data, dtype=np.float32)))
+        _set_rope_scaling(hf_config, _llama3_scaling(hf_config, np.array(rope_freqs.data, dtype=np.float32)))
     return hf_config
 
 

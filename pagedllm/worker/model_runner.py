@@ -71,7 +71,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched, self.device)
-        if sched.is_empty:
+        if sched.blocks_to_copy:
+            self._copy_blocks(sched.blocks_to_copy)
+        if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = build_flat_batch(self.states, sched, self.block_size)
         hidden = self._forward(batch)
@@ -80,6 +82,13 @@ class ModelRunner:
         if batch.sample_req_ids:
             self._sample(batch, hidden, out)
         return out
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate KV blocks (src -> dst) in every layer."""
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for kv in self.kv_caches:
+            kv.index_copy_(0, dst, kv.index_select(0, src))
 
     def _forward(self, batch: FlatBatch) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(batch):

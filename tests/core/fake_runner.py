@@ -117,28 +117,31 @@ class Driver:
     def step(self) -> SchedulerOutput:
         sched = self.scheduler
         so = sched.schedule()
-        cfg = sched.config
-        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
-        assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
-        assert len(so.num_scheduled_tokens) <= cfg.max_num_seqs
-        assert len(sched.running) <= cfg.max_num_seqs
-        assert not set(so.num_scheduled_tokens) & so.preempted_req_ids, (
-            f"requests both scheduled and preempted in one step: {set(so.num_scheduled_tokens) & so.preempted_req_ids}")
-        for req_id in so.num_scheduled_tokens:
-            req = sched.requests[req_id]
-            assert req in sched.running
-            assert req.num_computed_tokens + so.num_scheduled_tokens[req_id] <= req.num_tokens
+        self._check_schedule(so)
         check_block_accounting(sched)
         ro = self.runner.execute(so)
         ups = sched.update_from_output(so, ro)
         for req_id in self.runner.reqs.keys() & sched.requests.keys():
             req = sched.requests[req_id]
             if not req.is_finished():
-                assert self.runner.reqs[req_id].token_ids == req.all_token_ids, f"runner and scheduler differ on {req_id}"
+                assert self.runner.reqs[req_id].token_ids == req.all_token_ids, f"runner disagrees on {req_id}"
         check_block_accounting(sched)
         self.steps.append(so)
         self.updates.append(ups)
         return so
+
+    def _check_schedule(self, so: SchedulerOutput) -> None:
+        sched, cfg = self.scheduler, self.scheduler.config
+        assert so.total_num_scheduled_tokens == sum(so.num_scheduled_tokens.values())
+        assert so.total_num_scheduled_tokens <= cfg.max_num_batched_tokens
+        assert len(so.num_scheduled_tokens) <= cfg.max_num_seqs
+        assert len(sched.running) <= cfg.max_num_seqs
+        both = set(so.num_scheduled_tokens) & so.preempted_req_ids
+        assert not both, f"requests both scheduled and preempted in one step: {both}"
+        for req_id, n in so.num_scheduled_tokens.items():
+            req = sched.requests[req_id]
+            assert req in sched.running
+            assert req.num_computed_tokens + n <= req.num_tokens
 
     def run(self, max_steps: int = 2000) -> dict[str, list[int]]:
         """Step until no request is left; return each finished request's output token ids."""

@@ -1,4 +1,4 @@
-"""core/ stays pure Python: importing it pulls in neither torch nor any pagedllm layer but config and sampling_params."""
+"""core/ is pure Python: importing it loads no torch and no pagedllm module beyond config and sampling_params."""
 
 import ast
 import json

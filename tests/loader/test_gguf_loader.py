@@ -76,7 +76,8 @@ def test_unsupported_quant_type_is_a_clear_error(tmp_path):
     # Q8_1 is llama.cpp's activation format: a valid GGUF type that the gguf package cannot dequantize.
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1]
     raw = np.zeros((4, 64 // block_size * type_size), dtype=np.uint8)
-    write_gguf(tmp_path / "q81.gguf", hf_model, "qwen2", raw_tensor=("extra.weight", raw, gguf.GGMLQuantizationType.Q8_1))
+    extra = ("extra.weight", raw, gguf.GGMLQuantizationType.Q8_1)
+    write_gguf(tmp_path / "q81.gguf", hf_model, "qwen2", raw_tensor=extra)
     with pytest.raises(ValueError, match="Q8_1"):
         load_model(ModelConfig(model=str(tmp_path / "q81.gguf")), torch.device("cpu"), get_backend("torch"))
 
