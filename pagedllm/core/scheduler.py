@@ -53,6 +53,15 @@ class Scheduler:
         With `fork_from`, the request has the same prompt as that (earlier) request and
         waits until it has computed the prompt, then shares its KV blocks (the n > 1
         samples of one prompt are computed once)."""
+        self._check_admissible(request)
+        self.requests[request.request_id] = request
+        source = self.requests.get(fork_from) if fork_from is not None else None
+        if source is not None and not source.is_finished() and source.prompt_token_ids == request.prompt_token_ids:
+            self.fork_waiters.setdefault(source.request_id, []).append(request)
+        else:
+            self._enqueue(request)
+
+    def _check_admissible(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         max_len = self.config.max_model_len
@@ -70,12 +79,6 @@ class Scheduler:
             raise ValueError(
                 f"prompt plus max_tokens ({total} tokens) needs {num_blocks_needed} KV cache blocks but the "
                 f"cache only has {self.kv_cache_manager.num_blocks}; lower max_tokens")
-        self.requests[request.request_id] = request
-        source = self.requests.get(fork_from) if fork_from is not None else None
-        if source is not None and not source.is_finished() and source.prompt_token_ids == request.prompt_token_ids:
-            self.fork_waiters.setdefault(source.request_id, []).append(request)
-        else:
-            self._enqueue(request)
 
     def fork_request(self, parent_id: str, child: Request) -> bool:
         """Start `child` from the KV of running request `parent_id` (beam search).
@@ -86,8 +89,7 @@ class Scheduler:
         num_shared = min(parent.num_computed_tokens, child.num_tokens - 1)
         if child.all_token_ids[:num_shared] != parent.all_token_ids[:num_shared]:
             raise ValueError("fork: the child's tokens must extend the parent's")
-        if child.request_id in self.requests:
-            raise ValueError(f"request_id {child.request_id!r} is already in use")
+        self._check_admissible(child)
         copies = self.kv_cache_manager.fork(parent, child, num_shared)
         if copies is None:
             return False
@@ -101,6 +103,7 @@ class Scheduler:
         """Fork the samples waiting on `source` once its prompt (but the last token) is computed."""
         waiters = self.fork_waiters.get(source.request_id)
         if not waiters:
+            self.fork_waiters.pop(source.request_id, None)
             return
         ready = [w for w in waiters if source.num_computed_tokens >= w.num_prompt_tokens - 1 or source.is_finished()]
         for child in reversed(ready):  # each goes to the front: keep their order
@@ -167,7 +170,10 @@ class Scheduler:
             num_new = min(req.num_tokens - num_hit, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
             if new_blocks is None:
-                break
+                # Nothing running will free a block: take back what waiting forks hold.
+                if self.running or not self._drop_waiting_forks(keep=req):
+                    break
+                continue
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:  # first admission
@@ -199,6 +205,17 @@ class Scheduler:
         self._finished_since_last_step = set()
         self._blocks_to_copy = []
         return out
+
+    def _drop_waiting_forks(self, keep: Request) -> bool:
+        """Turn waiting forked requests back into plain prefills (prefix caching may still hit)."""
+        dropped = set()
+        for r in self.waiting:
+            if r is not keep and r.num_computed_tokens > 0:
+                dropped.update(self.kv_cache_manager.get_block_ids(r.request_id))
+                self.kv_cache_manager.free(r)
+                r.num_computed_tokens = 0
+        self._blocks_to_copy = [(s, d) for s, d in self._blocks_to_copy if d not in dropped]
+        return bool(dropped)
 
     def _cached_data(self, req: Request, new_blocks: list) -> CachedRequestData:
         return CachedRequestData(req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens)
@@ -281,9 +298,11 @@ class Scheduler:
             elif req in self.waiting:
                 self.waiting.remove(req)
             else:
-                for waiters in self.fork_waiters.values():
+                for source_id, waiters in list(self.fork_waiters.items()):
                     if req in waiters:
                         waiters.remove(req)
+                        if not waiters:
+                            del self.fork_waiters[source_id]
             self._finish(req, status)
             done.append(req)
         return done

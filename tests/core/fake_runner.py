@@ -1,14 +1,15 @@
 """A fake model runner and a step driver for scheduler tests (pure Python, no torch).
 
 The fake runner behaves like the real one towards the scheduler: it keeps its own
-per-request state from the NewRequestData / CachedRequestData diffs, writes each
-scheduled token into a simulated paged KV cache at its slot (block table lookup),
-then "attends" by reading every earlier position back through the block table and
-checking it holds the right token. So a wrong block table, a block handed to two
-requests at once, or a bad prefix-cache hit shows up as a failed assertion, not
-as silently wrong output. It samples only when a request's computed tokens reach
-its last token (a prompt chunk that ends mid-prompt samples nothing), and the
-sampled token is deterministic: ``(last_token + 1) % VOCAB``.
+per-request state from the NewRequestData / CachedRequestData diffs, makes the
+copy-on-write block copies, writes each scheduled token into a simulated paged KV
+cache at its slot (block table lookup), then "attends" by reading every earlier
+position back through the block table and checking it holds the right token. So a
+wrong block table, a block handed to two requests at once, a missed copy, or a bad
+prefix-cache hit shows up as a failed assertion, not as silently wrong output. It
+samples only when a request's computed tokens reach its last token (a prompt chunk
+that ends mid-prompt samples nothing), and the sampled token is deterministic:
+``(last_token + 1) % VOCAB``.
 
 ``Driver`` runs schedule() -> runner -> update_from_output() loops and checks the
 scheduler's invariants after every step.
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, RequestUpdate, SchedulerOutput
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.sampling_params import SamplingParams
 
 VOCAB = 1000
+BS = 4  # block size of the test schedulers
 
 
 def next_token(last: int) -> int:
@@ -33,6 +36,25 @@ def next_token(last: int) -> int:
 def make_request(req_id: str, prompt: list[int], eos: int | None = None, priority: int = 0,
                  arrival: float | None = None, **params) -> Request:
     return Request(req_id, prompt, SamplingParams(**params), eos, arrival_time=arrival, priority=priority)
+
+
+def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, max_model_len: int = 128,
+                   policy: str = "fcfs", caching: bool = True) -> Scheduler:
+    return Scheduler(
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                        policy=policy),
+        CacheConfig(block_size=BS, enable_prefix_caching=caching),
+        num_blocks=num_blocks,
+    )
+
+
+def expected_chain(prompt: list[int], n: int) -> list[int]:
+    """What the fake model generates when nothing stops it early."""
+    out, last = [], prompt[-1]
+    for _ in range(n):
+        last = next_token(last)
+        out.append(last)
+    return out
 
 
 @dataclass
@@ -71,6 +93,8 @@ class FakeRunner:
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._apply_diff(so)
+        for src, dst in so.blocks_to_copy:  # copy-on-write of forked requests, before any write
+            self.kv[dst] = dict(self.kv.get(src, {}))
         assert set(so.num_scheduled_tokens) == (
             {r.req_id for r in so.scheduled_new_reqs} | {r.req_id for r in so.scheduled_cached_reqs})
         written: dict[int, str] = {}
@@ -158,6 +182,7 @@ class Driver:
         sched = self.scheduler
         kv = sched.kv_cache_manager
         assert not sched.has_unfinished_requests() and sched.get_num_unfinished_requests() == 0
+        assert not sched.waiting and not sched.running and not sched.fork_waiters
         assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
         assert len(kv.block_pool.free_block_queue.block_ids()) == kv.num_blocks
         assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
@@ -186,6 +211,7 @@ def check_block_accounting(sched: Scheduler) -> None:
         assert (b.ref_cnt == 0) == (b.block_id in free_ids)
     for h, b in pool.cached_blocks.items():
         assert b.block_hash == h
-    # Only running requests hold blocks.
-    running_ids = {r.request_id for r in sched.running}
-    assert {rid for rid, blocks in kv.req_to_blocks.items() if blocks} <= running_ids
+    # Only running requests hold blocks, and forked ones waiting to run from the KV they were given.
+    holders = {r.request_id for r in sched.running}
+    holders |= {r.request_id for r in sched.waiting if r.num_computed_tokens > 0}
+    assert {rid for rid, blocks in kv.req_to_blocks.items() if blocks} <= holders

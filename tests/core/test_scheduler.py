@@ -10,31 +10,9 @@ import random
 
 import pytest
 
-from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.request import RequestStatus
 from pagedllm.core.scheduler import Scheduler
-from tests.core.fake_runner import Driver, make_request, next_token
-
-BS = 4
-
-
-def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, max_model_len: int = 128,
-                   policy: str = "fcfs", caching: bool = True) -> Scheduler:
-    return Scheduler(
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
-                        policy=policy),
-        CacheConfig(block_size=BS, enable_prefix_caching=caching),
-        num_blocks=num_blocks,
-    )
-
-
-def expected_chain(prompt: list[int], n: int) -> list[int]:
-    """What the fake model generates when nothing stops it early."""
-    out, last = [], prompt[-1]
-    for _ in range(n):
-        last = next_token(last)
-        out.append(last)
-    return out
+from tests.core.fake_runner import BS, Driver, expected_chain, make_request, make_scheduler
 
 
 def step_until_preemption(drv: Driver, max_steps: int = 100) -> None:
@@ -431,10 +409,23 @@ def test_add_request_rejects_a_duplicate_id_while_running():
     assert drv.run() == {"x": [3, 4, 5]}
 
 
+def test_prefix_cache_stats_count_queries_and_hits():
+    sched = make_scheduler()
+    stats = sched.kv_cache_manager.stats
+    drv = Driver(sched)
+    expected = [("a", list(range(10)), (10, 0)),  # cold
+                ("b", list(range(9)), (19, 8)),  # a's two full blocks hit
+                ("c", [42] * 5, (24, 8)),  # miss
+                ("lp", list(range(10)), (24, 8))]  # prompt_logprobs skips the cache: not counted
+    for rid, prompt, want in expected:
+        sched.add_request(make_request(rid, prompt, max_tokens=2, prompt_logprobs=1 if rid == "lp" else None))
+        drv.run()
+        assert (stats.queries, stats.hits) == want, rid
+
+
 def test_prefix_cache_stats_count_each_prompt_once():
-    """BUG (kv_cache_manager.py, get_computed_blocks): stats are recorded on every lookup, and the
-    scheduler looks up the head of the waiting queue again every step it cannot admit it, so a
-    request that waits for blocks inflates `queries` (and `hits`) once per step it waits."""
+    """A request that waits for blocks is looked up again every step, and a preempted one is
+    looked up again when it resumes; each prompt still counts once."""
     sched = make_scheduler(num_blocks=4)
     sched.add_request(make_request("a", [1] * 8, max_tokens=8))  # holds 2 blocks, grows to 4
     sched.add_request(make_request("b", [2] * 12, max_tokens=4))  # needs 3 blocks: waits for a
@@ -443,3 +434,23 @@ def test_prefix_cache_stats_count_each_prompt_once():
     assert drv.steps[1].scheduled_new_reqs == []  # b really waited
     stats = sched.kv_cache_manager.stats
     assert (stats.queries, stats.hits) == (8 + 12, 0)
+
+    sched = make_scheduler(num_blocks=8)
+    specs = _pressure_specs()
+    run_all(sched, specs)
+    assert sched.num_preemptions > 0
+    stats = sched.kv_cache_manager.stats
+    assert stats.queries == sum(len(p) for _, p, _ in specs)
+
+
+def test_prefix_caching_off_records_no_stats_and_shares_nothing():
+    sched = make_scheduler(caching=False)
+    prompt = list(range(10))
+    sched.add_request(make_request("a", prompt, max_tokens=3))
+    sched.add_request(make_request("b", prompt, max_tokens=3))
+    drv = Driver(sched)
+    assert drv.run() == {"a": expected_chain(prompt, 3), "b": expected_chain(prompt, 3)}
+    assert [n.num_computed_tokens for n in drv.steps[0].scheduled_new_reqs] == [0, 0]
+    assert drv.steps[0].num_scheduled_tokens == {"a": 10, "b": 10}
+    stats = sched.kv_cache_manager.stats
+    assert (stats.queries, stats.hits) == (0, 0) and not sched.kv_cache_manager.block_pool.cached_blocks

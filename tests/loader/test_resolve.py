@@ -1,7 +1,6 @@
 """Resolving a ModelConfig (path, format, config, dtype, max_model_len), dummy weights, tokenizers, errors."""
 
 import importlib.util
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -118,8 +117,3 @@ def test_gguf_tokenizer_has_the_chat_template():
                                          add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
 
-
-def test_config_json_without_model_type_is_refused_by_transformers(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(ValueError):
-        resolve_model(ModelConfig(model=str(tmp_path / "config.json"), load_format="dummy"))
