@@ -11,16 +11,21 @@ are taken from the head, so the least recently freed cached block is evicted fir
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Iterable
 
-# A full block's identity: (parent block's hash value, this block's token ids).
-# Dict lookups compare the token ids too, so a hash collision can never alias two blocks.
-BlockHash = tuple[int, tuple[int, ...]]
+# A full block's identity: a 128-bit BLAKE2b digest of its parent's digest and its own
+# token ids. Chaining makes equal digests mean equal whole prefixes; a cryptographic hash
+# (not Python's hash()) keeps one tenant from crafting a prompt that collides with another's.
+BlockHash = bytes
 
 
 def hash_block_tokens(parent: BlockHash | None, token_ids: Iterable[int]) -> BlockHash:
     """Chain a block's tokens to its parent: equal hashes mean equal whole prefixes."""
-    return (hash(parent) if parent is not None else 0, tuple(token_ids))
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 class KVCacheBlock:

@@ -160,9 +160,9 @@ class LLMEngine:
             child.seed = params.seed + index
         if params.best_of > params.n and child.logprobs is None:
             child.logprobs = 0  # best_of ranks samples by cumulative logprob
-        stop_ids = set(params.stop_token_ids) | self.extra_eos_ids
-        if not params.ignore_eos and self.eos_token_id is not None:
-            stop_ids.add(self.eos_token_id)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.extra_eos_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
         child.all_stop_token_ids = stop_ids
         return child
 
@@ -215,7 +215,11 @@ class LLMEngine:
             sample.cumulative_logprob += sum(lp[0] for lp in upd.new_logprobs.logprobs)
             if sample.logprobs is not None:
                 sample.logprobs.extend(self._logprob_dicts(upd.new_logprobs))
-        stop_str = sample.detok.update(upd.new_token_ids) if sample.detok else None
+        text_ids = upd.new_token_ids
+        stopped_by_token = upd.finished and req.status == RequestStatus.FINISHED_STOPPED
+        if stopped_by_token and not state.params.include_stop_str_in_output:
+            text_ids = text_ids[:-1]  # the EOS / stop token that ended generation is not part of the text
+        stop_str = sample.detok.update(text_ids) if sample.detok else None
         if stop_str is not None and not upd.finished:
             self.scheduler.finish_requests(upd.req_id, RequestStatus.FINISHED_STOPPED)
         if stop_str is not None:
