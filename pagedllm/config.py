@@ -20,6 +20,7 @@ class ModelConfig:
     seed: int = 0
     tokenizer: str | None = None
     hf_config: Any = None  # filled by the loader: a transformers PretrainedConfig
+    torch_dtype: Any = None  # filled by the loader: the torch.dtype weights and KV cache use
 
 
 @dataclass

@@ -123,8 +123,10 @@ class KVCacheManager:
             parent: [b0 full][b1 full][b2 partial]
             child:  [b0 ----][b1 ----][b7 = copy of b2]      b0, b1 ref_cnt 2
         """
-        blocks = self.req_to_blocks[parent.request_id]
+        blocks = self.req_to_blocks.get(parent.request_id, [])
         num_full, partial = divmod(num_tokens, self.block_size)
+        if num_full + (1 if partial else 0) > len(blocks):
+            raise ValueError(f"fork: parent holds {len(blocks)} blocks, fewer than {num_tokens} tokens need")
         if partial and self.block_pool.get_num_free_blocks() < 1:
             return None
         shared = blocks[:num_full]

@@ -16,11 +16,12 @@ from pagedllm.sampling_params import SamplingParams
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
-    PREEMPTED = 2
+    PAUSED = 2  # holds its blocks but is not scheduled (a beam waiting for its group)
+    PREEMPTED = 3
     # Everything after PREEMPTED is finished.
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH_CAPPED = 4
-    FINISHED_ABORTED = 5
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH_CAPPED = 5
+    FINISHED_ABORTED = 6
 
     @staticmethod
     def is_finished(status: RequestStatus) -> bool:
@@ -58,6 +59,9 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
         self.max_tokens = sampling_params.max_tokens
+        # Beam search: after each sampled token the request is paused (not stopped) so
+        # the engine can fork the winning beams from its KV blocks.
+        self.pause_after_sample = False
 
     @property
     def num_tokens(self) -> int:

@@ -38,6 +38,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.paused: dict[str, Request] = {}
         # Requests the runner has state for; a preempted one is re-sent as resumed.
         self._sent_to_runner: set[str] = set()
         self._finished_since_last_step: set[str] = set()
@@ -98,6 +99,15 @@ class Scheduler:
         self.requests[child.request_id] = child
         self._enqueue(child, front=True)
         return True
+
+    def pause_request(self, request_id: str) -> None:
+        """Stop scheduling a running request but keep its KV blocks (so others can fork from it)."""
+        req = self.requests[request_id]
+        if req.status != RequestStatus.RUNNING:
+            return  # preempted meanwhile: it will recompute when resumed
+        self.running.remove(req)
+        req.status = RequestStatus.PAUSED
+        self.paused[request_id] = req
 
     def _release_fork_waiters(self, source: Request) -> None:
         """Fork the samples waiting on `source` once its prompt (but the last token) is computed."""
@@ -262,9 +272,11 @@ class Scheduler:
             new_ids = sampled.get(req_id, [])
             if new_ids:
                 req.append_output_token_ids(new_ids)
-                status = self._check_stop(req)
+                status = None if req.pause_after_sample else self._check_stop(req)
                 if status is not None:
                     self._finish(req, status)
+                elif req.pause_after_sample:
+                    self.pause_request(req_id)
             prompt_lp = runner_out.prompt_logprobs.get(req_id)
             if new_ids or prompt_lp is not None or req.is_finished():
                 updates.append(RequestUpdate(req_id, new_ids, runner_out.logprobs.get(req_id), prompt_lp,
@@ -295,6 +307,8 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.status == RequestStatus.PAUSED:
+                del self.paused[req_id]
             elif req in self.waiting:
                 self.waiting.remove(req)
             else:
@@ -322,7 +336,8 @@ class Scheduler:
 
     # ---- introspection -----------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running or self.fork_waiters)
+        return bool(self.waiting or self.running or self.fork_waiters or self.paused)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.waiting) + len(self.running) + sum(map(len, self.fork_waiters.values()))
+        return (len(self.waiting) + len(self.running) + len(self.paused)
+                + sum(map(len, self.fork_waiters.values())))

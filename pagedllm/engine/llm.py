@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.config import EngineArgs
+from pagedllm.engine.beam_search import BeamSearchOutput
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | list[int]
 
@@ -59,6 +60,26 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [apply_chat_template(self.engine.tokenizer, conv) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | dict | Sequence[PromptType | dict],
+                    params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (vLLM's `LLM.beam_search`); sequences best first."""
+        if isinstance(prompts, (str, dict)) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        ids = []
+        for prompt in prompts:
+            if isinstance(prompt, dict):
+                prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
+            req_id = str(next(self._counter))
+            self.engine.add_beam_search_request(req_id, prompt, params)
+            ids.append(req_id)
+        try:
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        return [self.engine.beam_search.pop_output(i) for i in ids]
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm import tqdm

@@ -21,9 +21,10 @@ from pagedllm.config import EngineArgs, ModelConfig
 from pagedllm.core.outputs import LogprobsLists, RequestUpdate
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.beam_search import BeamSearchManager
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class LLMEngine:
         self._sample_of: dict[str, tuple[_RequestState, _Sample]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.beam_search = BeamSearchManager(self)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -138,6 +140,19 @@ class LLMEngine:
         for sample in state.samples:
             self._sample_of[sample.req_id] = (state, sample)
 
+    def add_beam_search_request(self, request_id: str, prompt: str | list[int], params: BeamSearchParams) -> None:
+        """Queue a beam search; its result appears in `self.beam_search` when done."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        _, prompt_ids = self._prompt_ids(prompt)
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.scheduler_config.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
+                             f"over the model's maximum context length of {self.scheduler_config.max_model_len}")
+        self.beam_search.add(request_id, prompt_ids, params)
+
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -170,6 +185,8 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for rid in request_ids:
+            if self.beam_search.abort(rid):
+                continue
             state = self.requests.pop(rid, None)
             if state is None:
                 continue
@@ -180,7 +197,7 @@ class LLMEngine:
                 self._sample_of.pop(sid, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or any(g.output is None for g in self.beam_search.groups.values())
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -194,9 +211,13 @@ class LLMEngine:
         updates = self.scheduler.update_from_output(sched_out, runner_out)
         touched: dict[str, _RequestState] = {}
         for upd in updates:
+            if self.beam_search.owns(upd.req_id):
+                self.beam_search.on_update(upd)
+                continue
             state, sample = self._sample_of[upd.req_id]
             self._apply_update(state, sample, upd)
             touched[state.request_id] = state
+        self.beam_search.advance()
         return [self._make_output(state) for state in touched.values()]
 
     def _apply_update(self, state: _RequestState, sample: _Sample, upd: RequestUpdate) -> None:
