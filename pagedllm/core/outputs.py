@@ -42,10 +42,14 @@ class SchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
     # KV block copies to make before this step's forward (copy-on-write of forked requests).
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Swap preemption, done before the copies: (gpu, cpu) pairs out, then (cpu, gpu) pairs in.
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0 and not self.blocks_to_copy
+        return (self.total_num_scheduled_tokens == 0 and not self.blocks_to_copy
+                and not self.blocks_to_swap_out and not self.blocks_to_swap_in)
 
 
 @dataclass

@@ -31,7 +31,8 @@ from pagedllm.core.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 num_cpu_blocks: int = 0) -> None:
         self.config = config
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(num_blocks, self.block_size, cache_config.enable_prefix_caching)
@@ -46,6 +47,11 @@ class Scheduler:
         # Parallel samples waiting for their source request's prompt KV (see add_request).
         self.fork_waiters: dict[str, list[Request]] = {}
         self._blocks_to_copy: list[tuple[int, int]] = []
+        # Swap preemption: CPU blocks (ids into the runner's CPU cache) per swapped-out request.
+        self.free_cpu_blocks: list[int] = list(range(num_cpu_blocks))
+        self.swapped: dict[str, list[int]] = {}
+        self._blocks_to_swap_out: list[tuple[int, int]] = []  # (gpu block, cpu block)
+        self._blocks_to_swap_in: list[tuple[int, int]] = []  # (cpu block, gpu block)
 
     # ---- admission ---------------------------------------------------------
     def add_request(self, request: Request, fork_from: str | None = None) -> None:
@@ -172,8 +178,8 @@ class Scheduler:
         # 2. Waiting requests, unless this step already had to preempt.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            forked = req.num_computed_tokens > 0
-            if forked:  # its KV blocks are already in place
+            forked = req.num_computed_tokens > 0  # forked or swapped out: no prefix lookup
+            if forked:  # its KV is in place (forked) or on the CPU (swapped)
                 hit_blocks, num_hit = [], req.num_computed_tokens
             else:
                 hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
@@ -185,6 +191,10 @@ class Scheduler:
                     break
                 continue
             self.waiting.popleft()
+            if req.request_id in self.swapped:
+                cpu_blocks = self.swapped.pop(req.request_id)
+                self._blocks_to_swap_in.extend(zip(cpu_blocks, (b.block_id for b in new_blocks)))
+                self.free_cpu_blocks.extend(cpu_blocks)
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:  # first admission
                 req.num_cached_tokens = num_hit
@@ -211,16 +221,20 @@ class Scheduler:
             finished_req_ids=self._finished_since_last_step,
             preempted_req_ids=preempted,
             blocks_to_copy=self._blocks_to_copy,
+            blocks_to_swap_out=self._blocks_to_swap_out,
+            blocks_to_swap_in=self._blocks_to_swap_in,
         )
         self._finished_since_last_step = set()
         self._blocks_to_copy = []
+        self._blocks_to_swap_out = []
+        self._blocks_to_swap_in = []
         return out
 
     def _drop_waiting_forks(self, keep: Request) -> bool:
         """Turn waiting forked requests back into plain prefills (prefix caching may still hit)."""
         dropped = set()
         for r in self.waiting:
-            if r is not keep and r.num_computed_tokens > 0:
+            if r is not keep and r.num_computed_tokens > 0 and r.request_id not in self.swapped:
                 dropped.update(self.kv_cache_manager.get_block_ids(r.request_id))
                 self.kv_cache_manager.free(r)
                 r.num_computed_tokens = 0
@@ -250,13 +264,27 @@ class Scheduler:
         return self.running[-1]
 
     def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks: swapped to the CPU (keeping its progress) when
+        preemption_mode is "swap" and the swap space has room, else recomputed later."""
         self.running.remove(req)
+        if not (self.config.preemption_mode == "swap" and self._swap_out(req)):
+            req.num_computed_tokens = 0
         self.kv_cache_manager.free(req)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(req, front=True)
+
+    def _swap_out(self, req: Request) -> bool:
+        """Plan copying the request's computed KV blocks to free CPU blocks."""
+        num_blocks = -(-req.num_computed_tokens // self.block_size)
+        if num_blocks == 0 or num_blocks > len(self.free_cpu_blocks):
+            return False
+        gpu_blocks = self.kv_cache_manager.get_block_ids(req.request_id)[:num_blocks]
+        cpu_blocks = [self.free_cpu_blocks.pop() for _ in range(num_blocks)]
+        self._blocks_to_swap_out.extend(zip(gpu_blocks, cpu_blocks))
+        self.swapped[req.request_id] = cpu_blocks
+        return True
 
     # ---- results -----------------------------------------------------------
     def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
@@ -326,6 +354,7 @@ class Scheduler:
             self.running.remove(req)
         req.status = status
         self.kv_cache_manager.forget(req)
+        self.free_cpu_blocks.extend(self.swapped.pop(req.request_id, ()))
         self._sent_to_runner.discard(req.request_id)
         self._finished_since_last_step.add(req.request_id)
         self._release_fork_waiters(req)

@@ -88,8 +88,11 @@ class LLMEngine:
         self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
                                         args.device_config())
         num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_cache(num_blocks)
-        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
+        num_cpu_blocks = 0
+        if self.scheduler_config.preemption_mode == "swap":
+            num_cpu_blocks = int(self.cache_config.swap_space * (1 << 30) // self.executor.kv_cache_bytes_per_block())
+        self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
         config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else min(config_eos, default=None)
         self.extra_eos_ids = (config_eos | _generation_config_eos_ids(self.model_config.model)) - {self.eos_token_id}

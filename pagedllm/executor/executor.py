@@ -14,7 +14,10 @@ class Executor(ABC):
     def determine_num_blocks(self) -> int: ...
 
     @abstractmethod
-    def initialize_cache(self, num_blocks: int) -> None: ...
+    def initialize_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None: ...
+
+    @abstractmethod
+    def kv_cache_bytes_per_block(self) -> int: ...
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
@@ -30,8 +33,11 @@ class UniProcExecutor(Executor):
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()
 
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_cache(num_blocks)
+    def initialize_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        self.worker.initialize_cache(num_blocks, num_cpu_blocks)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.worker.kv_cache_bytes_per_block()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)

@@ -8,6 +8,9 @@ scheduled requests into the ragged batch the model consumes:
     query_start_loc                      : (num_reqs + 1,)
     seq_lens                             : (num_reqs,)
     block_tables                         : (num_reqs, max_num_blocks)
+
+``InputBuffers`` holds those arrays' persistent device tensors (fixed addresses, so a
+CUDA graph can read them) and the pinned host staging they are copied from.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedllm.attention.backend import AttentionMetadata
 from pagedllm.core.outputs import SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -118,3 +122,95 @@ def build_flat_batch(states: dict[str, CachedRequestState], sched: SchedulerOutp
         logits_indices=logits_indices, sample_req_ids=sample_req_ids,
         max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
     )
+
+
+class InputBuffers:
+    """Persistent device tensors for one step's inputs, filled from pinned host memory.
+
+    Two staging arrays, each copied with one non-blocking copy per step (the used prefix):
+
+        int64: [ input_ids (T) | positions (T) | slot_mapping (T) | logits_indices (S) ]
+        int32: [ seq_lens (S) | query_start_loc (S + 1) | block_tables (rows x width) ]
+
+    T = max tokens per step, S = max sequences per step. Each field sits at a fixed
+    offset, so the device views a CUDA graph captured stay valid for every later step.
+    On the CPU the staging arrays are the tensors the model reads (no copy).
+    """
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_num_blocks: int, device: torch.device) -> None:
+        self.max_num_tokens, self.max_num_seqs, self.max_num_blocks = max_num_tokens, max_num_seqs, max_num_blocks
+        self.device = device
+        t, s = max_num_tokens, max_num_seqs
+        self._o_pos, self._o_slot, self._o_logits = t, 2 * t, 3 * t
+        self._o_qsl, self._o_bt = s, 2 * s + 1
+        on_gpu = device.type == "cuda"
+        self.host_i64 = torch.zeros(3 * t + s, dtype=torch.int64, pin_memory=on_gpu)
+        self.host_i32 = torch.zeros(2 * s + 1 + s * max_num_blocks, dtype=torch.int32, pin_memory=on_gpu)
+        self.h64, self.h32 = self.host_i64.numpy(), self.host_i32.numpy()
+        self.h64[self._o_slot:self._o_logits] = -1  # padding tokens write nowhere
+        self.dev_i64 = self.host_i64.to(device) if on_gpu else self.host_i64
+        self.dev_i32 = self.host_i32.to(device) if on_gpu else self.host_i32
+        # Recorded after each step's copies: the host waits on it before overwriting the staging.
+        self._copied = torch.cuda.Event() if on_gpu else None
+
+    def load(self, batch: FlatBatch, pad_to: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Copy ``batch`` to the device: (input_ids, positions, metadata, logits_indices).
+
+        ``pad_to`` (a CUDA-graph batch size, decode only) pads to that many one-token rows
+        that write nowhere (slot -1) and attend to nothing (seq_len 0); the block table then
+        spans its full width, as the captured graph reads it."""
+        n_tok, n_seq = batch.num_tokens, len(batch.req_ids)
+        if n_tok > self.max_num_tokens or n_seq > self.max_num_seqs:
+            raise ValueError(f"batch of {n_tok} tokens / {n_seq} sequences exceeds the input buffers "
+                             f"({self.max_num_tokens} / {self.max_num_seqs})")
+        rows = pad_to or n_seq
+        n_pad_tok = n_tok + rows - n_seq
+        width = self.max_num_blocks if pad_to else batch.block_tables.shape[1]
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have read the staging
+        h64, h32 = self.h64, self.h32
+        t = self.max_num_tokens
+        h64[:n_tok] = batch.input_ids
+        h64[t:t + n_tok] = batch.positions
+        h64[2 * t:2 * t + n_tok] = batch.slot_mapping
+        num_logits = len(batch.logits_indices)
+        h64[3 * t:3 * t + num_logits] = batch.logits_indices
+        h32[:n_seq] = batch.seq_lens
+        qsl = h32[self._o_qsl:self._o_qsl + rows + 1]
+        qsl[:n_seq + 1] = batch.query_start_loc
+        bt = h32[self._o_bt:self._o_bt + rows * width].reshape(rows, width)
+        bt[:n_seq, :batch.block_tables.shape[1]] = batch.block_tables
+        if pad_to:
+            h64[n_tok:n_pad_tok] = 0
+            h64[t + n_tok:t + n_pad_tok] = 0
+            h64[2 * t + n_tok:2 * t + n_pad_tok] = -1
+            h32[n_seq:rows] = 0
+            qsl[n_seq + 1:] = np.arange(n_tok + 1, n_pad_tok + 1, dtype=np.int32)
+        if self._copied is not None:
+            # The used prefix of each staging array, one copy each.
+            end64, end32 = 3 * t + num_logits, self._o_bt + rows * width
+            self.dev_i64[:end64].copy_(self.host_i64[:end64], non_blocking=True)
+            self.dev_i32[:end32].copy_(self.host_i32[:end32], non_blocking=True)
+            self._copied.record()
+        md = self.metadata(rows, n_pad_tok, width, batch.max_query_len, batch.max_seq_len)
+        md.num_actual_tokens = n_tok
+        md.seq_lens_cpu = batch.seq_lens.tolist()
+        md.query_start_loc_cpu = batch.query_start_loc.tolist()
+        return (self.dev_i64[:n_pad_tok], self.dev_i64[t:t + n_pad_tok], md,
+                self.dev_i64[3 * t:3 * t + num_logits])
+
+    def metadata(self, rows: int, num_tokens: int, width: int, max_query_len: int,
+                 max_seq_len: int) -> AttentionMetadata:
+        """Attention metadata over views of the device buffers (what a CUDA graph captures)."""
+        t, d32 = self.max_num_tokens, self.dev_i32
+        return AttentionMetadata(
+            slot_mapping=self.dev_i64[2 * t:2 * t + num_tokens], seq_lens=d32[:rows],
+            query_start_loc=d32[self._o_qsl:self._o_qsl + rows + 1],
+            block_tables=d32[self._o_bt:self._o_bt + rows * width].view(rows, width),
+            max_query_len=max_query_len, max_seq_len=max_seq_len, num_actual_tokens=num_tokens)
+
+    def token_views(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, positions) device views of the first ``num_tokens`` tokens."""
+        t = self.max_num_tokens
+        return self.dev_i64[:num_tokens], self.dev_i64[t:t + num_tokens]

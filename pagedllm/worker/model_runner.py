@@ -1,8 +1,9 @@
 """ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
 
     SchedulerOutput ─► update_states ─► build_flat_batch (numpy, host)
-        ─► device buffers (pinned host → device, non-blocking)
-        ─► model forward (eager, or a CUDA graph replay for decode-only batches)
+        ─► InputBuffers (pinned host → persistent device tensors, non-blocking)
+        ─► model forward (eager, or a CUDA graph replay for decode-only batches), queued
+        ─► sampling metadata built on the host while the GPU runs the forward
         ─► logits of the last token of each sampling request ─► Sampler
         ─► ModelRunnerOutput (python lists: the only host sync is reading sampled ids)
 """
@@ -14,22 +15,15 @@ import logging
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import AttentionMetadata, get_backend
+from pagedllm.attention.backend import get_backend
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.layers.sampler import Sampler, SamplingMetadata
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
-from pagedllm.worker.input_batch import CachedRequestState, FlatBatch, build_flat_batch, update_states
+from pagedllm.worker.input_batch import CachedRequestState, FlatBatch, InputBuffers, build_flat_batch, update_states
+from pagedllm.worker.kv_swap import SwapSpace
 
 logger = logging.getLogger(__name__)
-
-
-def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array to device; through pinned memory so the copy does not block the host."""
-    t = torch.from_numpy(a)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 class ModelRunner:
@@ -52,6 +46,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.use_cuda_graphs = device.type == "cuda" and not device_config.enforce_eager
         self.graphs: CudaGraphRunner | None = None
+        max_tokens = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
+        self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs,
+                                    -(-model_config.max_model_len // self.block_size), device)
 
     # ---- KV cache ----------------------------------------------------------
     def kv_cache_bytes_per_block(self) -> int:
@@ -61,8 +58,9 @@ class ModelRunner:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return num_layers * 2 * self.block_size * num_kv_heads * head_dim * elem
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.kv_caches = self._alloc_kv(num_blocks)
+        self.swap_space = SwapSpace(self.kv_caches, num_cpu_blocks) if num_cpu_blocks else None
         if self.use_cuda_graphs:
             self.graphs = CudaGraphRunner(self, max_batch_size=self.scheduler_config.max_num_seqs)
             self.graphs.capture()
@@ -71,16 +69,24 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched, self.device)
+        # Order matters: swap-outs read blocks this step may reuse; copies read swapped-in blocks.
+        if sched.blocks_to_swap_out:
+            self.swap_space.swap_out(sched.blocks_to_swap_out)
+        if sched.blocks_to_swap_in:
+            self.swap_space.swap_in(sched.blocks_to_swap_in)
         if sched.blocks_to_copy:
             self._copy_blocks(sched.blocks_to_copy)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = build_flat_batch(self.states, sched, self.block_size)
-        hidden = self._forward(batch)
+        hidden, logits_indices = self._forward(batch)  # queued on the GPU, not finished
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
-        self._prompt_logprobs(batch, hidden, out)
         if batch.sample_req_ids:
-            self._sample(batch, hidden, out)
+            # Host work that overlaps the forward: no sync until the sampled ids are read.
+            states = [self.states[r] for r in batch.sample_req_ids]
+            md = self._sampling_metadata(states)
+            self._sample(batch, states, md, hidden[logits_indices], out)
+        self._prompt_logprobs(batch, hidden, out)
         return out
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -90,33 +96,19 @@ class ModelRunner:
         for kv in self.kv_caches:
             kv.index_copy_(0, dst, kv.index_select(0, src))
 
-    def _forward(self, batch: FlatBatch) -> torch.Tensor:
+    def _forward(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (num_tokens, hidden_size), logits_indices (num_sampling,)) on the device."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)
 
-    def _forward_eager(self, batch: FlatBatch) -> torch.Tensor:
-        md = self.build_metadata(batch)
-        input_ids = to_device(batch.input_ids, self.device)
-        positions = to_device(batch.positions, self.device)
-        return self.model(input_ids, positions, self.kv_caches, md)
+    def _forward_eager(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, positions, md, logits_indices = self.buffers.load(batch)
+        return self.model(input_ids, positions, self.kv_caches, md), logits_indices
 
-    def build_metadata(self, batch: FlatBatch) -> AttentionMetadata:
-        def dev(a: np.ndarray) -> torch.Tensor:
-            return to_device(a, self.device)
-
-        return AttentionMetadata(
-            slot_mapping=dev(batch.slot_mapping), block_tables=dev(batch.block_tables), seq_lens=dev(batch.seq_lens),
-            query_start_loc=dev(batch.query_start_loc), max_query_len=batch.max_query_len,
-            max_seq_len=batch.max_seq_len, num_actual_tokens=batch.num_tokens,
-            seq_lens_cpu=batch.seq_lens.tolist(), query_start_loc_cpu=batch.query_start_loc.tolist(),
-        )
-
-    def _sample(self, batch: FlatBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        idx = torch.tensor(batch.logits_indices, device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
-        states = [self.states[r] for r in batch.sample_req_ids]
-        md = self._sampling_metadata(states)
+    def _sample(self, batch: FlatBatch, states: list[CachedRequestState], md: SamplingMetadata,
+                hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden)  # (num_sampling, vocab) fp32
         result = self.sampler(logits, md)
         sampled = result.sampled_token_ids.tolist()
         pos = {r: i for i, r in enumerate(batch.req_ids)}
@@ -148,10 +140,12 @@ class ModelRunner:
         for i, req_id in enumerate(batch.req_ids):
             st = self.states[req_id]
             k = st.sampling_params.prompt_logprobs
+            if k is None:
+                continue
             num_prompt = len(st.prompt_token_ids)
             start = int(batch.positions[batch.query_start_loc[i]])
             end = min(int(batch.seq_lens[i]), num_prompt - 1)  # positions whose next token is in the prompt
-            if k is None or start >= end:
+            if start >= end:
                 continue
             q0 = int(batch.query_start_loc[i])
             logits = self.model.compute_logits(hidden[q0:q0 + end - start])
@@ -166,10 +160,12 @@ class ModelRunner:
 
     # ---- profiling ---------------------------------------------------------
     @torch.inference_mode()
-    def profile_run(self) -> None:
-        """A forward at the largest batch the scheduler can form, to measure peak activation memory.
+    def profile_run(self) -> int:
+        """A forward and a sampling pass at the largest batch the scheduler can form, to measure
+        peak activation memory. Returns the bytes of the scratch KV cache it used (just big
+        enough for the synthetic prompts, freed after), which are not activations."""
+        from pagedllm.sampling_params import SamplingParams
 
-        Uses a scratch KV cache just big enough for the synthetic prompts; it is freed after."""
         num_tokens = self.scheduler_config.max_num_batched_tokens
         num_seqs = min(self.scheduler_config.max_num_seqs, num_tokens)
         counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
@@ -190,12 +186,19 @@ class ModelRunner:
             max_seq_len=int(counts.max()))
         real_caches = self.kv_caches
         self.kv_caches = self._alloc_kv(num_seqs * blocks_per_seq)
+        scratch_bytes = num_seqs * blocks_per_seq * self.kv_cache_bytes_per_block()
         try:
-            hidden = self._forward_eager(batch)
-            logits = self.model.compute_logits(hidden[torch.tensor(batch.logits_indices, device=self.device)])
+            hidden, logits_indices = self._forward_eager(batch)
+            logits = self.model.compute_logits(hidden[logits_indices])
+            # The heaviest sampling path (temperature, top-k and top-p: a sort of the logits).
+            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+            md = SamplingMetadata.build([params] * num_seqs, [[0]] * num_seqs, [[]] * num_seqs, {}, None,
+                                        self.vocab_size, self.device)
+            self.sampler(logits, md)
             del logits, hidden
         finally:
             self.kv_caches = real_caches
+        return scratch_bytes
 
     def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
         from pagedllm.models.registry import kv_cache_shape_info

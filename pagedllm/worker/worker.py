@@ -68,8 +68,11 @@ class Worker:
         torch.cuda.empty_cache()
         return int(available // bytes_per_block)
 
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.model_runner.initialize_kv_cache(num_blocks)
+    def initialize_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        self.model_runner.initialize_kv_cache(num_blocks, num_cpu_blocks)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        return self.model_runner.kv_cache_bytes_per_block()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

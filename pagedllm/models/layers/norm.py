@@ -30,6 +30,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``x`` (..., hidden) -> rmsnorm(x); with ``residual``: (rmsnorm(x + residual), x + residual)."""
+        if x.is_cuda:
+            from pagedllm.models.layers import fused_ops
+
+            if fused_ops.fused_ops_enabled(x):  # one Triton kernel instead of ~7 (fused_ops.py)
+                return fused_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         # The add happens in the model dtype, like HF's `residual + hidden_states`.

@@ -91,6 +91,11 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # (T, num_heads, head_dim)
         key: torch.Tensor,  # (T, num_kv_heads, head_dim)
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if query.is_cuda:
+            from pagedllm.models.layers import fused_ops
+
+            if fused_ops.fused_ops_enabled(query):  # in place, one kernel for q and k (fused_ops.py)
+                return fused_ops.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)  # (T, 1, head_dim // 2)
         sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
