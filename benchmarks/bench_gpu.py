@@ -7,8 +7,13 @@ Workloads (random weights of a real shape, bf16, ignore_eos):
 Roofline: the card's copy bandwidth and bf16 matmul rate measured in the same run; the bound of a workload is
 its prefill FLOPs over the matmul rate plus each decode step's bytes (weights + KV read) over bandwidth.
 
-Each part runs in its own subprocess so memory is clean. Usage (on a GPU box, from the repo root):
+Each part runs in its own subprocess so memory is clean; each prints one JSON line. The engine parts also
+report where the step time goes (scheduler, runner host work before the forward is queued, the rest of
+execute_model, which waits for the GPU, and the engine's output handling), for decode-only and mixed steps.
+
+Usage (on a GPU box, from the repo root):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py [--config benchmarks/configs/llama-3-8b] [--skip-hf]
+    PYTHONPATH=. python3 benchmarks/bench_gpu.py --part mix256 --enforce-eager   # one part, JSON out
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,28 +40,24 @@ def mix256_prompts(vocab_size: int, num: int = 256, lo: int = 100, hi: int = 102
 
 # ---- model arithmetic -------------------------------------------------------------
 def model_costs(cfg: dict) -> dict[str, float]:
-    h, L, V, I = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
+    h, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
-    per_layer = h * (nh * hd) + 2 * h * (nkv * hd) + (nh * hd) * h + 3 * h * I
+    per_layer = h * (nh * hd) + 2 * h * (nkv * hd) + (nh * hd) * h + 3 * h * inter
     matmul_params = L * per_layer  # per token through the layers
     lm_head = h * V
-    total_params = matmul_params + lm_head + (0 if cfg.get("tie_word_embeddings") else h * V)
     return {
-        "weight_bytes": 2 * total_params - 2 * h * V * (0 if cfg.get("tie_word_embeddings") else 1) + 0,
+        # bf16 bytes read per decode step: every matrix once, lm_head included; the embedding is a lookup.
+        "weight_bytes": 2 * (matmul_params + lm_head),
         "layer_flops_per_token": 2 * matmul_params,
         "lm_head_flops": 2 * lm_head,
         "kv_bytes_per_token": L * 2 * nkv * hd * 2,
         "attn_flops_per_pair": L * 4 * nh * hd,  # QK^T and PV, per (query, key) pair
-        "total_params": total_params,
     }
 
 
 def bound_seconds(prompt_lens: list[int], out_len: int, costs: dict, bw: float, rate: float) -> dict[str, float]:
-    """Prefill FLOPs over the matmul rate + each decode step's bytes over bandwidth.
-
-    The embedding table is a lookup, not read whole; the weight bytes per decode step
-    count every matrix once (lm_head included)."""
+    """Prefill FLOPs over the matmul rate + each decode step's bytes over bandwidth (all requests at once)."""
     prefill_flops = sum(costs["layer_flops_per_token"] * p + costs["attn_flops_per_pair"] * p * (p + 1) / 2
                         + costs["lm_head_flops"] for p in prompt_lens)
     prefill_s = prefill_flops / rate
@@ -93,23 +95,78 @@ def _llm(config: str, **kw):
     return LLM(model=config, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, **kw)
 
 
-def part_mix256(config: str, enforce_eager: bool) -> dict:
+class StepTimer:
+    """Wraps the engine's step pieces and sums their wall time per kind of step."""
+
+    def __init__(self, engine) -> None:
+        self.rows: list[tuple[bool, int, float, float, float, float]] = []
+        self._cur: dict[str, float] = {}
+        runner = engine.executor.worker.model_runner
+        for obj, name, key in ((engine.scheduler, "schedule", "sched"), (engine.executor, "execute_model", "exec"),
+                               (runner, "_forward", "launch")):
+            setattr(obj, name, self._wrap(getattr(obj, name), key))
+        self._step = engine.step
+        engine.step = self.step
+
+    def _wrap(self, fn, key):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self._cur[key] = self._cur.get(key, 0.0) + time.perf_counter() - t0
+            if key == "launch":
+                self._cur["decode_only"] = a[0].max_query_len == 1
+                self._cur["num_reqs"] = len(a[0].req_ids)
+            return out
+        return timed
+
+    def step(self):
+        self._cur = {}
+        t0 = time.perf_counter()
+        out = self._step()
+        total = time.perf_counter() - t0
+        c = self._cur
+        if "launch" in c:
+            self.rows.append((c["decode_only"], c["num_reqs"], total, c["sched"], c["exec"], c["launch"]))
+        return out
+
+    def summary(self) -> dict:
+        """Per kind of step: count, requests, and mean ms of step / schedule / host prep+launch / exec / engine."""
+        groups = defaultdict(list)
+        for decode_only, n, total, sched, exe, launch in self.rows:
+            groups["decode" if decode_only else "mixed"].append((n, total, sched, exe, launch))
+        out = {}
+        for kind, rows in groups.items():
+            k = len(rows)
+            mean = [sum(r[i] for r in rows) / k for i in range(5)]
+            out[kind] = {"steps": k, "reqs": round(mean[0], 1), "step_ms": 1e3 * mean[1], "sched_ms": 1e3 * mean[2],
+                         "exec_ms": 1e3 * mean[3], "launch_ms": 1e3 * mean[4],
+                         "engine_ms": 1e3 * (mean[1] - mean[2] - mean[3]), "total_s": sum(r[1] for r in rows)}
+        return out
+
+
+def part_mix256(config: str, enforce_eager: bool, num: int, out_len: int) -> dict:
     from pagedllm import SamplingParams
 
     cfg = json.loads((Path(config) / "config.json").read_text())
-    prompts = mix256_prompts(cfg["vocab_size"])
+    prompts = mix256_prompts(cfg["vocab_size"], num=num)
+    t_init = time.perf_counter()
     llm = _llm(config, max_num_seqs=256, max_model_len=2048, enforce_eager=enforce_eager)
-    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
-    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    init_s = time.perf_counter() - t_init
+    params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+    # Warm up every prefill tile shape once (Triton compiles per tile size).
+    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate([p[:n] for p, n in zip(prompts, (1000, 100, 30, 9, 3))], warm, use_tqdm=False)
+    llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
+    timer = StepTimer(llm.engine)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    prof = llm.engine.executor.worker.memory_profile
-    kv = llm.engine.scheduler.kv_cache_manager
     return {"elapsed": elapsed, "output_tokens": out_tokens, "prompt_tokens": sum(map(len, prompts)),
-            "num_blocks": kv.num_blocks, "preemptions": llm.engine.scheduler.num_preemptions,
-            "memory_profile": prof}
+            "num_blocks": llm.engine.scheduler.kv_cache_manager.block_pool.num_blocks,
+            "block_size": llm.engine.cache_config.block_size,
+            "preemptions": llm.engine.scheduler.num_preemptions, "init_s": init_s,
+            "memory_profile": llm.engine.executor.worker.memory_profile, "steps": timer.summary()}
 
 
 def part_latency(config: str, enforce_eager: bool) -> dict:
@@ -120,7 +177,10 @@ def part_latency(config: str, enforce_eager: bool) -> dict:
     llm = _llm(config, max_num_seqs=8, max_model_len=2048, enforce_eager=enforce_eager)
     eng = llm.engine
     results = []
+    timer = None
     for rep in range(3):
+        if rep == 2:
+            timer = StepTimer(eng)
         eng.add_request(f"lat{rep}", prompt, SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
         t0 = time.perf_counter()
         first = None
@@ -132,39 +192,56 @@ def part_latency(config: str, enforce_eager: bool) -> dict:
         results.append({"ttft": first - t0, "tpot": (end - first) / 127})
         eng.scheduler.kv_cache_manager.reset_prefix_cache()
     best = min(results[1:], key=lambda r: r["tpot"])
-    return best
+    return {**best, "runs": results, "steps": timer.summary()}
 
 
-def part_hf(config: str) -> dict:
+def part_hf(config: str, num: int, out_len: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     cfg = AutoConfig.from_pretrained(config)
-    prompts = mix256_prompts(cfg.vocab_size)
-    with torch.device("cuda"):
+    prompts = mix256_prompts(cfg.vocab_size, num=num)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke test of the script
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
     model.eval()
-    gen = GenerationConfig(max_new_tokens=256, do_sample=False, eos_token_id=None, pad_token_id=0,
-                           use_cuda_graph=False)
-    model.generate_batch(inputs=prompts[:4], generation_config=gen)  # warm up
+    # HF's own defaults for continuous batching (cache size, CUDA graphs); EOS off as in ignore_eos.
+    gen = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=[p[:64] for p in prompts[:4]], generation_config=gen)  # warm up
     t0 = time.perf_counter()
     res = model.generate_batch(inputs=prompts, generation_config=gen)
     elapsed = time.perf_counter() - t0
     out_tokens = sum(len(r.generated_tokens) for r in res.values())
-    return {"elapsed": elapsed, "output_tokens": out_tokens}
+    return {"elapsed": elapsed, "output_tokens": out_tokens, "transformers": __import__("transformers").__version__}
 
 
 # ---- orchestration -----------------------------------------------------------------
-def run_part(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--part", name, "--config", str(args.config)]
-    if args.enforce_eager:
+def run_part(name: str, args: argparse.Namespace, enforce_eager: bool | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--part", name, "--config", str(args.config), "--num-requests",
+           str(args.num_requests), "--output-len", str(args.output_len)]
+    if args.enforce_eager if enforce_eager is None else enforce_eager:
         cmd.append("--enforce-eager")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.part_timeout)
-    sys.stderr.write(proc.stderr[-4000:])
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.part_timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {args.part_timeout}s: {str(e.stderr or '')[-1500:]}"}
+    sys.stderr.write(f"--- part {name}{' (eager)' if '--enforce-eager' in cmd else ''}: "
+                     f"{time.perf_counter() - t0:.0f}s, rc {proc.returncode}\n{proc.stderr[-3000:]}\n")
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def _steps_table(label: str, steps: dict) -> list[str]:
+    lines = []
+    for kind, s in steps.items():
+        lines.append(f"| {label} {kind} | {s['steps']} | {s['reqs']} | {s['step_ms']:.2f} | {s['sched_ms']:.2f} | "
+                     f"{s['launch_ms']:.2f} | {s['exec_ms']:.2f} | {s['engine_ms']:.2f} | {s['total_s']:.2f} |")
+    return lines
 
 
 def report(args: argparse.Namespace) -> None:
@@ -173,47 +250,58 @@ def report(args: argparse.Namespace) -> None:
     roof = run_part("roofline", args)
     bw, rate = roof["copy_bw"], roof["bf16_rate"]
     print(f"card: {roof['card']}  copy bandwidth {bw / 1e12:.2f} TB/s  bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    rows = []
+    rows, step_lines = [], []
     mix = run_part("mix256", args)
-    lens = [len(p) for p in mix256_prompts(cfg["vocab_size"])]
-    b = bound_seconds(lens, 256, costs, bw, rate)
+    if "error" in mix and not args.enforce_eager:
+        mix = run_part("mix256", args, enforce_eager=True)  # still measure something; the table says eager
+        mix["eager_fallback"] = True
+    lens = [len(p) for p in mix256_prompts(cfg["vocab_size"], num=args.num_requests)]
+    b = bound_seconds(lens, args.output_len, costs, bw, rate)
     if "error" not in mix:
         out_tps = mix["output_tokens"] / mix["elapsed"]
         tot_tps = (mix["output_tokens"] + mix["prompt_tokens"]) / mix["elapsed"]
-        bound_tps = 256 * 256 / b["bound_s"]
-        rows.append(("mix256 pagedllm", f"{out_tps:,.0f} out tok/s", f"{tot_tps:,.0f} total tok/s",
-                     f"bound {bound_tps:,.0f} out tok/s", f"{100 * out_tps / bound_tps:.1f}% of bound"))
+        bound_tps = len(lens) * args.output_len / b["bound_s"]
+        label = "mix256 pagedllm" + (" (EAGER fallback)" if mix.get("eager_fallback") else "")
+        rows.append((label, f"{out_tps:,.0f} out tok/s", f"{tot_tps:,.0f} total tok/s ({mix['elapsed']:.2f} s)",
+                     f"{bound_tps:,.0f} out tok/s ({b['bound_s']:.2f} s)", f"{100 * out_tps / bound_tps:.1f}%"))
         prof = mix["memory_profile"]
         if prof:
-            left = prof["total"] - prof["weights"] - (prof["peak_torch"] - prof["weights"]) - prof["non_torch"]
-            kv_bytes = mix["num_blocks"] * 16 * costs["kv_bytes_per_token"]
-            rows.append(("kv cache", f"{kv_bytes / 2**30:.1f} GiB", f"{mix['num_blocks']} blocks",
+            left = prof["total"] - prof["peak_torch"] - prof["non_torch"]
+            kv_bytes = mix["num_blocks"] * mix["block_size"] * costs["kv_bytes_per_token"]
+            rows.append(("KV cache", f"{kv_bytes / 2**30:.1f} GiB", f"{mix['num_blocks']} blocks; weights "
+                         f"{prof['weights'] / 2**30:.1f} GiB, peak {prof['peak_torch'] / 2**30:.1f} GiB",
                          f"left after weights+act {left / 2**30:.1f} GiB", f"{100 * kv_bytes / left:.1f}%"))
+        step_lines += _steps_table("mix256", mix["steps"])
     else:
-        rows.append(("mix256 pagedllm", "ERROR", mix["error"][-300:], "", ""))
+        rows.append(("mix256 pagedllm", "ERROR", mix["error"][-300:].replace("\n", " "), "", ""))
     print(f"mix256 bound: prefill {b['prefill_s']:.2f}s + decode {b['decode_s']:.2f}s "
           f"(decode compute alone {b['decode_compute_s']:.2f}s)")
     lat = run_part("latency", args)
     if "error" not in lat:
         ttft_bound = bound_seconds([1024], 1, costs, bw, rate)["prefill_s"]
-        tpot_bound = (costs["weight_bytes"] + 1100 * costs["kv_bytes_per_token"]) / bw
-        rows.append(("latency b=1", f"TTFT {1e3 * lat['ttft']:.1f} ms", f"{1e3 * lat['tpot']:.2f} ms/tok",
-                     f"bound {1e3 * ttft_bound:.1f} ms / {1e3 * tpot_bound:.2f} ms/tok",
-                     f"decode {100 * tpot_bound / lat['tpot']:.1f}% of bw bound"))
+        tpot_bound = costs["weight_bytes"] / bw  # the issue's bound: weight bytes over bandwidth
+        rows.append(("latency b=1", f"TTFT {1e3 * lat['ttft']:.1f} ms; {1e3 * lat['tpot']:.2f} ms/tok",
+                     f"{1 / lat['tpot']:.0f} tok/s", f"TTFT {1e3 * ttft_bound:.1f} ms; {1e3 * tpot_bound:.2f} ms/tok",
+                     f"decode {100 * tpot_bound / lat['tpot']:.1f}%"))
+        step_lines += _steps_table("latency", lat["steps"])
     else:
-        rows.append(("latency b=1", "ERROR", lat["error"][-300:], "", ""))
+        rows.append(("latency b=1", "ERROR", lat["error"][-300:].replace("\n", " "), "", ""))
     if not args.skip_hf:
         hf = run_part("hf", args)
         if "error" not in hf:
             hf_tps = hf["output_tokens"] / hf["elapsed"]
             ratio = (mix["output_tokens"] / mix["elapsed"]) / hf_tps if "error" not in mix else float("nan")
-            rows.append(("mix256 HF paged|sdpa", f"{hf_tps:,.0f} out tok/s", f"{hf['elapsed']:.1f} s",
-                         f"pagedllm / HF = {ratio:.1f}x", ""))
+            rows.append((f"mix256 HF {hf['transformers']} paged|sdpa", f"{hf_tps:,.0f} out tok/s",
+                         f"{hf['elapsed']:.1f} s, {hf['output_tokens']} tokens", "", f"pagedllm = {ratio:.1f}x HF"))
         else:
-            rows.append(("mix256 HF", "ERROR", hf["error"][-300:], "", ""))
+            rows.append(("mix256 HF", "ERROR", hf["error"][-300:].replace("\n", " "), "", ""))
     print("\n| workload | result | | bound | fraction |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    print("\nWhere the step time goes (mean ms per step; exec includes the wait for the GPU):\n")
+    print("| steps | count | reqs | step | schedule | runner host + launch | execute_model | engine out | total s |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(step_lines))
 
 
 def main() -> None:
@@ -222,13 +310,17 @@ def main() -> None:
     ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "hf"])
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--part-timeout", type=int, default=400)
+    ap.add_argument("--num-requests", type=int, default=256, help="mix256 size (smaller only for smoke tests)")
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--part-timeout", type=int, default=300)
     args = ap.parse_args()
     if args.part is None:
         report(args)
         return
-    fn = {"roofline": part_roofline, "mix256": lambda: part_mix256(args.config, args.enforce_eager),
-          "latency": lambda: part_latency(args.config, args.enforce_eager), "hf": lambda: part_hf(args.config)}
+    fn = {"roofline": part_roofline,
+          "mix256": lambda: part_mix256(args.config, args.enforce_eager, args.num_requests, args.output_len),
+          "latency": lambda: part_latency(args.config, args.enforce_eager),
+          "hf": lambda: part_hf(args.config, args.num_requests, args.output_len)}
     print(json.dumps(fn[args.part]()))
 
 

@@ -1,4 +1,4 @@
-"""Shared test configuration: GPU tests skip on machines without CUDA."""
+"""Shared test configuration: GPU tests skip on machines without CUDA; shared fixtures."""
 
 import pytest
 
@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default model's tokenizer, loaded as the engine loads it (once per session: it takes seconds)."""
+    from pagedllm.config import ModelConfig
+    from pagedllm.loader import load_tokenizer
+
+    return load_tokenizer(ModelConfig(model=None))

@@ -205,10 +205,8 @@ class AsyncEngine:
         self.check_health()
         timing = RequestTiming(request_id, arrival_time=time.monotonic())
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt must be token ids: the engine runs without a tokenizer")
             prompt_text: str | None = prompt
-            prompt_token_ids = await self.run_in_tokenizer_thread(self.tokenizer.encode, prompt)
+            prompt_token_ids = await self.run_in_tokenizer_thread(self.engine.tokenize, prompt)
         else:
             prompt_text, prompt_token_ids = None, list(prompt)
         timing.num_prompt_tokens = len(prompt_token_ids)

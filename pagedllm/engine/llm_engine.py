@@ -156,11 +156,15 @@ class LLMEngine:
                              f"over the model's maximum context length of {self.scheduler_config.max_model_len}")
         self.beam_search.add(request_id, prompt_ids, params)
 
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt text to token ids, the one way every entry point does it (special tokens as the model adds them)."""
+        if self.tokenizer is None:
+            raise ValueError("prompt must be token ids: the engine runs without a tokenizer (skip_tokenizer_init)")
+        return self.tokenizer.encode(text)
+
     def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt must be token ids when the engine runs with skip_tokenizer_init")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenize(prompt)
             if not ids:
                 raise ValueError("prompt must not be empty")
             return prompt, ids

@@ -4,19 +4,19 @@ A decode step launches hundreds of small kernels; replaying a captured graph
 removes the launch gaps. One graph is captured per batch-size bucket
 (1, 2, 4, 8, 16, 24, ... up to max_num_seqs); a batch of n requests replays the
 smallest bucket >= n, padded with rows that write nowhere (slot -1) and attend to
-nothing (seq_len 0). All graphs read the same persistent device buffers, which
-each step fills from pinned host memory with non-blocking copies.
+nothing (seq_len 0). All graphs read the runner's persistent ``InputBuffers``,
+which each step fills from pinned host memory with non-blocking copies. The
+graph covers the layers only; the LM head and the sampler run eagerly on the
+rows that sample.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-
-from pagedllm.attention.backend import AttentionMetadata
 
 if TYPE_CHECKING:
     from pagedllm.worker.input_batch import FlatBatch
@@ -34,71 +34,53 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
 
 
 class CudaGraphRunner:
+    """Captures one decode-step graph per batch-size bucket and replays the smallest that fits."""
+
     def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
         self.runner = runner
-        self.device = runner.device
+        self.buffers = runner.buffers
         self.buckets = batch_size_buckets(max_batch_size)
         self.max_bs = self.buckets[-1]
-        max_len = runner.model_config.max_model_len
-        self.max_blocks = -(-max_len // runner.block_size)
-        self.max_seq_len = max_len
-        dev = self.device
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.long, device=dev)
-        self.seq_lens = torch.zeros(self.max_bs, dtype=torch.int32, device=dev)
-        self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros((self.max_bs, self.max_blocks), dtype=torch.int32, device=dev)
-        # Pinned staging: [input_ids | positions | slot_mapping] and seq_lens, per step.
-        self.host_i64 = torch.zeros((3, self.max_bs), dtype=torch.long).pin_memory()
-        self.host_seq = torch.zeros(self.max_bs, dtype=torch.int32).pin_memory()
-        self.host_bt = torch.zeros((self.max_bs, self.max_blocks), dtype=torch.int32).pin_memory()
+        # Only steers the decode split count; the kernels read each length from seq_lens.
+        self.max_seq_len = runner.model_config.max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-
-    def _metadata(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs], seq_lens=self.seq_lens[:bs],
-            query_start_loc=self.query_start_loc[:bs + 1], max_query_len=1, max_seq_len=self.max_seq_len,
-            num_actual_tokens=bs)
+        self.outputs: dict[int, torch.Tensor] = {}  # bs -> (bs, hidden_size), written by each replay
 
     @torch.inference_mode()
     def capture(self) -> None:
         model, kv = self.runner.model, self.runner.kv_caches
+        buffers = self.buffers
+        # Padding values throughout (slot -1, seq_len 0): warm-up and capture write no KV.
+        t, s = buffers.max_num_tokens, buffers.max_num_seqs
+        buffers.dev_i64.zero_()
+        buffers.dev_i64[2 * t:3 * t].fill_(-1)  # slot_mapping
+        buffers.dev_i32.zero_()
+        buffers.dev_i32[s:2 * s + 1].copy_(torch.arange(s + 1, dtype=torch.int32))  # query_start_loc
+        start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.buckets):  # largest first: later graphs reuse its memory
-            md = self._metadata(bs)
-            for _ in range(2):  # warm up (Triton autotune/compile) outside the graph
-                model(self.input_ids[:bs], self.positions[:bs], kv, md)
+        for bs in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
+            input_ids, positions = buffers.token_views(bs)
+            md = buffers.metadata(bs, bs, buffers.max_num_blocks, max_query_len=1, max_seq_len=self.max_seq_len)
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks its kernels) outside the graph
+                model(input_ids, positions, kv, md)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = model(self.input_ids[:bs], self.positions[:bs], kv, md)
+                self.outputs[bs] = model(input_ids, positions, kv, md)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+        logger.info("captured CUDA graphs for %d decode batch sizes (%s) in %.1f s", len(self.buckets),
+                    self.buckets, time.perf_counter() - start)
 
     def can_run(self, batch: FlatBatch) -> bool:
         return batch.max_query_len == 1 and len(batch.req_ids) <= self.max_bs
 
-    def run(self, batch: FlatBatch) -> torch.Tensor:
+    def run(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket's graph on ``batch``: (hidden (n, hidden_size), logits_indices)."""
         n = len(batch.req_ids)
         bs = next(b for b in self.buckets if b >= n)
-        h = self.host_i64
-        h[0, :n] = torch.from_numpy(batch.input_ids)
-        h[1, :n] = torch.from_numpy(batch.positions)
-        h[2, :n] = torch.from_numpy(batch.slot_mapping)
-        h[2, n:bs] = -1
-        self.host_seq[:n] = torch.from_numpy(batch.seq_lens)
-        self.host_seq[n:bs] = 0
-        w = batch.block_tables.shape[1]
-        self.host_bt[:n, :w] = torch.from_numpy(np.ascontiguousarray(batch.block_tables))
-        self.input_ids[:bs].copy_(h[0, :bs], non_blocking=True)
-        self.positions[:bs].copy_(h[1, :bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(h[2, :bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self.host_seq[:bs], non_blocking=True)
-        self.block_tables[:n, :w].copy_(self.host_bt[:n, :w], non_blocking=True)
+        _, _, _, logits_indices = self.buffers.load(batch, pad_to=bs)
         self.graphs[bs].replay()
-        # The pinned staging buffers are safe to reuse next step: the runner reads the
-        # sampled ids (a host sync) before it builds the next batch.
-        return self.outputs[bs][:n]
+        # The output is overwritten by the next replay of this bucket; the runner consumes it
+        # (logits, sampling, a host sync) before it builds the next step.
+        return self.outputs[bs][:n], logits_indices

@@ -54,19 +54,22 @@ class Worker:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         weights = torch.cuda.memory_allocated()
-        self.model_runner.profile_run()
+        scratch_kv = self.model_runner.profile_run()
         torch.cuda.synchronize()
-        peak_torch = torch.cuda.max_memory_allocated()
+        # The profile's scratch KV cache was live at the peak but is not an activation.
+        peak_torch = torch.cuda.max_memory_allocated() - scratch_kv
         free, total = torch.cuda.mem_get_info()
         # Memory used outside PyTorch's allocator (CUDA context, cuBLAS workspaces, NCCL).
         non_torch = (total - free) - torch.cuda.memory_reserved()
         available = total * self.cache_config.gpu_memory_utilization - peak_torch - non_torch
+        num_blocks = int(available // bytes_per_block)
         self.memory_profile = {"total": total, "weights": weights, "peak_torch": peak_torch, "non_torch": non_torch,
-                               "kv_cache": available}
-        logger.info("memory profile: total %.1f GiB, weights+activations peak %.2f GiB, non-torch %.2f GiB, "
-                    "KV cache gets %.2f GiB", total / GiB, peak_torch / GiB, non_torch / GiB, available / GiB)
+                               "kv_cache": num_blocks * bytes_per_block}
+        logger.info("memory profile: total %.1f GiB, weights %.2f GiB, weights+activations peak %.2f GiB, "
+                    "non-torch %.2f GiB, KV cache gets %.2f GiB", total / GiB, weights / GiB, peak_torch / GiB,
+                    non_torch / GiB, available / GiB)
         torch.cuda.empty_cache()
-        return int(available // bytes_per_block)
+        return num_blocks
 
     def initialize_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.model_runner.initialize_kv_cache(num_blocks, num_cpu_blocks)

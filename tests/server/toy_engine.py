@@ -70,6 +70,9 @@ class ToyEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.thread_ids: set[int] = set()  # which threads touched the engine: must be exactly one
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0) -> None:
         self.thread_ids.add(threading.get_ident())
