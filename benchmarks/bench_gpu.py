@@ -102,8 +102,11 @@ class StepTimer:
         self.rows: list[tuple[bool, int, float, float, float, float]] = []
         self._cur: dict[str, float] = {}
         runner = engine.executor.worker.model_runner
+        import pagedllm.worker.model_runner as model_runner
+
         for obj, name, key in ((engine.scheduler, "schedule", "sched"), (engine.executor, "execute_model", "exec"),
-                               (runner, "_forward", "launch")):
+                               (runner, "_forward", "launch"), (model_runner, "build_flat_batch", "prep"),
+                               (model_runner, "update_states", "prep"), (runner, "_sample", "sample")):
             setattr(obj, name, self._wrap(getattr(obj, name), key))
         self._step = engine.step
         engine.step = self.step
@@ -126,22 +129,42 @@ class StepTimer:
         total = time.perf_counter() - t0
         c = self._cur
         if "launch" in c:
-            self.rows.append((c["decode_only"], c["num_reqs"], total, c["sched"], c["exec"], c["launch"]))
+            self.rows.append((c["decode_only"], c["num_reqs"], total, c["sched"], c["exec"], c["launch"],
+                              c.get("prep", 0.0), c.get("sample", 0.0)))
         return out
 
     def summary(self) -> dict:
         """Per kind of step: count, requests, and mean ms of step / schedule / host prep+launch / exec / engine."""
         groups = defaultdict(list)
-        for decode_only, n, total, sched, exe, launch in self.rows:
-            groups["decode" if decode_only else "mixed"].append((n, total, sched, exe, launch))
+        for decode_only, *row in self.rows:
+            groups["decode" if decode_only else "mixed"].append(row)
         out = {}
         for kind, rows in groups.items():
             k = len(rows)
-            mean = [sum(r[i] for r in rows) / k for i in range(5)]
-            out[kind] = {"steps": k, "reqs": round(mean[0], 1), "step_ms": 1e3 * mean[1], "sched_ms": 1e3 * mean[2],
-                         "exec_ms": 1e3 * mean[3], "launch_ms": 1e3 * mean[4],
-                         "engine_ms": 1e3 * (mean[1] - mean[2] - mean[3]), "total_s": sum(r[1] for r in rows)}
+            n, step, sched, exe, launch, prep, sample = (sum(r[i] for r in rows) / k for i in range(7))
+            out[kind] = {"steps": k, "reqs": round(n, 1), "step_ms": 1e3 * step, "sched_ms": 1e3 * sched,
+                         "exec_ms": 1e3 * exe, "prep_ms": 1e3 * prep, "launch_ms": 1e3 * launch,
+                         "sample_ms": 1e3 * sample, "engine_ms": 1e3 * (step - sched - exe),
+                         "total_s": sum(r[1] for r in rows)}
         return out
+
+
+def _warm_up(llm, prompts: list[list[int]]) -> None:
+    """A small mix before the timed run: Triton compiles a kernel per tile size and per integer-argument
+    specialisation (== 1, multiple of 16), which would otherwise happen inside the timed run."""
+    from pagedllm import SamplingParams
+
+    lens = (1000, 517, 100, 33, 7, 3, 64, 16)
+    mini_mix = [p[:lens[i % len(lens)]] for i, p in enumerate(prompts[-40:])]
+    llm.generate(mini_mix, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for n in (1000, 100, 7, 3):  # prefill-only steps of each tile size
+        llm.generate([prompts[0][:n], prompts[1][:n]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                     use_tqdm=False)
+
+
+def _triton_cache_entries() -> int:
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return sum(1 for _ in cache.iterdir()) if cache.is_dir() else 0
 
 
 def part_mix256(config: str, enforce_eager: bool, num: int, out_len: int) -> dict:
@@ -153,20 +176,21 @@ def part_mix256(config: str, enforce_eager: bool, num: int, out_len: int) -> dic
     llm = _llm(config, max_num_seqs=256, max_model_len=2048, enforce_eager=enforce_eager)
     init_s = time.perf_counter() - t_init
     params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
-    # Warm up every prefill tile shape once (Triton compiles per tile size).
-    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.generate([p[:n] for p, n in zip(prompts, (1000, 100, 30, 9, 3))], warm, use_tqdm=False)
+    _warm_up(llm, prompts)
     llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
     timer = StepTimer(llm.engine)
+    compiled = _triton_cache_entries()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
+    compiled = _triton_cache_entries() - compiled
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"elapsed": elapsed, "output_tokens": out_tokens, "prompt_tokens": sum(map(len, prompts)),
             "num_blocks": llm.engine.scheduler.kv_cache_manager.block_pool.num_blocks,
             "block_size": llm.engine.cache_config.block_size,
             "preemptions": llm.engine.scheduler.num_preemptions, "init_s": init_s,
-            "memory_profile": llm.engine.executor.worker.memory_profile, "steps": timer.summary()}
+            "memory_profile": llm.engine.executor.worker.memory_profile, "steps": timer.summary(),
+            "triton_compiles_in_timed_run": compiled}
 
 
 def part_latency(config: str, enforce_eager: bool) -> dict:
@@ -215,6 +239,112 @@ def part_hf(config: str, num: int, out_len: int) -> dict:
     return {"elapsed": elapsed, "output_tokens": out_tokens, "transformers": __import__("transformers").__version__}
 
 
+def _layer_inputs(num_seqs: int, q_len: int, ctx: int, hidden: int, block: int = 16):
+    """(positions, hidden, metadata) for num_seqs sequences of ctx tokens whose last q_len are new."""
+    import torch
+
+    from pagedllm.attention.backend import AttentionMetadata
+
+    n, width = num_seqs * q_len, ctx // block
+    tables = torch.arange(num_seqs * width, dtype=torch.int32, device="cuda").view(num_seqs, width)
+    pos = torch.arange(n, device="cuda") % q_len + ctx - q_len
+    seq = torch.arange(n, device="cuda") // q_len
+    md = AttentionMetadata(
+        slot_mapping=tables[seq, pos // block].long() * block + pos % block, block_tables=tables,
+        seq_lens=torch.full((num_seqs,), ctx, dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device="cuda") * q_len,
+        max_query_len=q_len, max_seq_len=ctx, num_actual_tokens=n)
+    return pos, torch.randn(n, hidden, device="cuda") * 0.1, md
+
+
+def _time_decode_graph(layer, pos, x, kv, md, calls: int = 8) -> float:
+    """Microseconds per layer call, from a CUDA graph of ``calls`` chained calls."""
+    import torch
+    import triton
+
+    def chain():
+        h, r = x, x
+        for _ in range(calls):
+            h, r = layer(pos, h, r, kv, md)
+        return h
+
+    chain()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    return 1e3 * triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median") / calls
+
+
+def _kernel_breakdown(fn, iters: int = 20) -> dict[str, float]:
+    """Mean GPU microseconds per call of ``fn`` for each kernel name (torch.profiler, eager launches)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        times[e.key[:70]] += total / iters
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:14])
+
+
+def part_fused(config: str) -> dict:
+    """Decoder-layer time with the fused Triton element-wise kernels on and off (PAGEDLLM_FUSED_OPS).
+
+    Decode: a CUDA graph of 8 chained layer calls at batch 1 and 256 (context 640); prefill: one
+    eager layer call on 8 x 1024 new tokens. Microseconds per layer call."""
+    import torch
+    import triton
+    from transformers import AutoConfig
+
+    from pagedllm.attention.backend import get_backend
+    from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
+    from pagedllm.models.llama import LlamaDecoderLayer, get_head_dim
+
+    cfg = AutoConfig.from_pretrained(config)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        theta, scaling = rope_parameters(cfg)
+        rope = RotaryEmbedding(get_head_dim(cfg), cfg.max_position_embeddings, theta, scaling)
+        layer = LlamaDecoderLayer(cfg, rope, get_backend("triton"))
+    for name, p in layer.named_parameters():
+        p.data.fill_(1.0) if "norm" in name else p.data.uniform_(-0.02, 0.02)
+    kv = torch.zeros(256 * 640 // 16, 2, 16, cfg.num_key_value_heads, get_head_dim(cfg), device="cuda")
+    out = {}
+    for fused in ("1", "0"):
+        os.environ["PAGEDLLM_FUSED_OPS"] = fused
+        with torch.inference_mode():
+            for bs in (1, 256):
+                pos, x, md = _layer_inputs(bs, 1, 640, cfg.hidden_size)
+                out[f"decode_bs{bs}_fused{fused}_us"] = _time_decode_graph(layer, pos, x, kv, md)
+            pos, x, md = _layer_inputs(8, 1024, 1024, cfg.hidden_size)
+            t = triton.testing.do_bench(lambda p=pos, h=x, m=md: layer(p, h, h, kv, m), warmup=5, rep=50,
+                                        return_mode="median")
+            out[f"prefill_8x1024_fused{fused}_us"] = 1e3 * t
+    os.environ["PAGEDLLM_FUSED_OPS"] = "1"
+    with torch.inference_mode():
+        for bs in (1, 256):  # where a decode layer's GPU time goes, kernel by kernel
+            pos, x, md = _layer_inputs(bs, 1, 640, cfg.hidden_size)
+            try:
+                out[f"kernels_decode_bs{bs}_us"] = _kernel_breakdown(lambda p=pos, h=x, m=md: layer(p, h, h, kv, m))
+            except Exception as e:  # the profiler's API moves between torch versions; keep the timings
+                out[f"kernels_decode_bs{bs}_us"] = {"error": repr(e)[:200]}
+        w = layer.mlp.gate_up_proj.weight  # the largest matrix: achieved bandwidth of a batch-1 GEMV
+        x1 = torch.randn(1, w.shape[1], device="cuda")
+        t = triton.testing.do_bench(lambda: torch.nn.functional.linear(x1, w), warmup=20, rep=200,
+                                    return_mode="median") / 1e3
+        out["gemv_gate_up_bs1_GBps"] = w.numel() * w.element_size() / t / 1e9
+    return out
+
+
 # ---- orchestration -----------------------------------------------------------------
 def run_part(name: str, args: argparse.Namespace, enforce_eager: bool | None = None) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--config", str(args.config), "--num-requests",
@@ -240,7 +370,8 @@ def _steps_table(label: str, steps: dict) -> list[str]:
     lines = []
     for kind, s in steps.items():
         lines.append(f"| {label} {kind} | {s['steps']} | {s['reqs']} | {s['step_ms']:.2f} | {s['sched_ms']:.2f} | "
-                     f"{s['launch_ms']:.2f} | {s['exec_ms']:.2f} | {s['engine_ms']:.2f} | {s['total_s']:.2f} |")
+                     f"{s['exec_ms']:.2f} | {s['prep_ms']:.2f} | {s['launch_ms']:.2f} | {s['sample_ms']:.2f} | "
+                     f"{s['engine_ms']:.2f} | {s['total_s']:.2f} |")
     return lines
 
 
@@ -286,6 +417,18 @@ def report(args: argparse.Namespace) -> None:
         step_lines += _steps_table("latency", lat["steps"])
     else:
         rows.append(("latency b=1", "ERROR", lat["error"][-300:].replace("\n", " "), "", ""))
+    fused = run_part("fused", args)
+    if "error" not in fused:
+        for key in ("decode_bs1", "decode_bs256", "prefill_8x1024"):
+            on, off = fused[f"{key}_fused1_us"], fused[f"{key}_fused0_us"]
+            step_lines.append(f"fused ops, {key}: {on:.1f} us per layer fused vs {off:.1f} us torch "
+                              f"({off / on:.2f}x; x{cfg['num_hidden_layers']} layers: "
+                              f"{(off - on) * cfg['num_hidden_layers'] / 1e3:.2f} ms per step saved)")
+        step_lines.append(f"batch-1 GEMV (gate_up, bf16): {fused['gemv_gate_up_bs1_GBps']:.0f} GB/s")
+        for bs in (1, 256):
+            kernels = fused[f"kernels_decode_bs{bs}_us"]
+            step_lines.append(f"decode layer kernels, batch {bs} (us per layer): " + "; ".join(
+                f"{k}: {v:.1f}" if isinstance(v, float) else f"{k}: {v}" for k, v in kernels.items()))
     if not args.skip_hf:
         hf = run_part("hf", args)
         if "error" not in hf:
@@ -299,15 +442,16 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print("\nWhere the step time goes (mean ms per step; exec includes the wait for the GPU):\n")
-    print("| steps | count | reqs | step | schedule | runner host + launch | execute_model | engine out | total s |"
-          "\n|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(step_lines))
+    print("| steps | count | reqs | step | schedule | execute_model | of which: batch prep | load + launch | "
+          "logits + sample + sync | engine out | total s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(line for line in step_lines if line.startswith("|")))
+    print("\n" + "\n".join(line for line in step_lines if not line.startswith("|")))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "hf"])
+    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "fused", "hf"])
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--num-requests", type=int, default=256, help="mix256 size (smaller only for smoke tests)")
@@ -317,9 +461,12 @@ def main() -> None:
     if args.part is None:
         report(args)
         return
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # memory profile, graph capture
     fn = {"roofline": part_roofline,
           "mix256": lambda: part_mix256(args.config, args.enforce_eager, args.num_requests, args.output_len),
-          "latency": lambda: part_latency(args.config, args.enforce_eager),
+          "latency": lambda: part_latency(args.config, args.enforce_eager), "fused": lambda: part_fused(args.config),
           "hf": lambda: part_hf(args.config, args.num_requests, args.output_len)}
     print(json.dumps(fn[args.part]()))
 

@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     EngineArgs.add_cli_args(chat)
     _sampling_args(chat)
     ns = parser.parse_args(argv)
-    {"generate": _generate, "chat": _chat}[ns.command](ns)
+    try:
+        {"generate": _generate, "chat": _chat}[ns.command](ns)
+    except ValueError as e:  # bad option values: a message, not a traceback
+        print(f"pagedllm: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,7 @@ class CudaGraphRunner:
     def capture(self) -> None:
         model, kv = self.runner.model, self.runner.kv_caches
         buffers = self.buffers
-        # Padding values throughout (slot -1, seq_len 0): warm-up and capture write no KV.
-        t, s = buffers.max_num_tokens, buffers.max_num_seqs
-        buffers.dev_i64.zero_()
-        buffers.dev_i64[2 * t:3 * t].fill_(-1)  # slot_mapping
-        buffers.dev_i32.zero_()
-        buffers.dev_i32[s:2 * s + 1].copy_(torch.arange(s + 1, dtype=torch.int32))  # query_start_loc
+        buffers.fill_padding()  # warm-up and capture write no KV and attend to nothing
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory

@@ -34,6 +34,26 @@ class CachedRequestState:
     num_computed_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # block_ids mirrored as int32 with spare capacity (zeros past the end), so a step copies
+    # a numpy row instead of converting a Python list; kept in sync by set/append_block_ids.
+    block_table: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.set_block_ids(self.block_ids)
+
+    def set_block_ids(self, block_ids: list[int]) -> None:
+        self.block_ids = list(block_ids)
+        self.block_table = np.zeros(max(16, 2 * len(block_ids)), dtype=np.int32)
+        self.block_table[:len(block_ids)] = block_ids
+
+    def append_block_ids(self, new_ids: list[int]) -> None:
+        n = len(self.block_ids)
+        self.block_ids.extend(new_ids)
+        if len(self.block_ids) > len(self.block_table):
+            grown = np.zeros(2 * len(self.block_ids), dtype=np.int32)
+            grown[:n] = self.block_table[:n]
+            self.block_table = grown
+        self.block_table[n:len(self.block_ids)] = new_ids
 
     @property
     def num_tokens(self) -> int:
@@ -84,43 +104,56 @@ def update_states(states: dict[str, CachedRequestState], sched: SchedulerOutput,
     for cached in sched.scheduled_cached_reqs:
         state = states[cached.req_id]
         if cached.resumed_from_preemption:
-            state.block_ids = list(cached.new_block_ids)
-        else:
-            state.block_ids.extend(cached.new_block_ids)
+            state.set_block_ids(cached.new_block_ids)
+        elif cached.new_block_ids:
+            state.append_block_ids(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
 
 
 def build_flat_batch(states: dict[str, CachedRequestState], sched: SchedulerOutput, block_size: int) -> FlatBatch:
+    # One pass in Python per request (a decode step runs this for every running request, and the
+    # GPU waits for it), then numpy for everything per token.
     req_ids = list(sched.num_scheduled_tokens)
-    num_reqs = len(req_ids)
-    counts = np.fromiter((sched.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=num_reqs)
-    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-    np.cumsum(counts, out=query_start_loc[1:])
-    max_blocks = max(len(states[r].block_ids) for r in req_ids)
-    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-    starts = np.empty(num_reqs, dtype=np.int64)
+    counts_list = list(sched.num_scheduled_tokens.values())
+    sts = [states[r] for r in req_ids]
+    num_reqs = len(sts)
+    num_blocks = [len(st.block_ids) for st in sts]
+    block_tables = np.zeros((num_reqs, max(num_blocks)), dtype=np.int32)
+    starts_list: list[int] = []
     input_ids: list[int] = []
     logits_indices, sample_req_ids = [], []
-    for i, req_id in enumerate(req_ids):
-        st = states[req_id]
-        block_tables[i, :len(st.block_ids)] = st.block_ids
-        start, end = st.num_computed_tokens, st.num_computed_tokens + int(counts[i])
-        starts[i] = start
-        input_ids.extend(st.token_slice(start, end))
-        if end == st.num_tokens:  # the chunk reaches the last known token: sample
-            logits_indices.append(int(query_start_loc[i + 1]) - 1)
-            sample_req_ids.append(req_id)
-    # positions: for each request, start .. start + count - 1, laid end to end.
-    req_of_token = np.repeat(np.arange(num_reqs), counts)
-    positions = starts[req_of_token] + (np.arange(len(req_of_token)) - query_start_loc[:-1][req_of_token])
-    block_idx = block_tables[req_of_token, positions // block_size].astype(np.int64)
+    num_tokens = 0
+    for i, st in enumerate(sts):
+        block_tables[i, :num_blocks[i]] = st.block_table[:num_blocks[i]]
+        start, count = st.num_computed_tokens, counts_list[i]
+        starts_list.append(start)
+        num_tokens += count
+        p = len(st.prompt_token_ids)
+        if count == 1:  # decode (or a one-token chunk): no slice
+            input_ids.append(st.prompt_token_ids[start] if start < p else st.output_token_ids[start - p])
+        else:
+            input_ids.extend(st.token_slice(start, start + count))
+        if start + count == p + len(st.output_token_ids):  # the chunk reaches the last known token: sample
+            logits_indices.append(num_tokens - 1)
+            sample_req_ids.append(req_ids[i])
+    counts = np.array(counts_list, dtype=np.int64)
+    starts = np.array(starts_list, dtype=np.int64)
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
+    if num_tokens == num_reqs:  # decode only: one token per request
+        positions = starts
+        block_idx = block_tables[np.arange(num_reqs), positions // block_size].astype(np.int64)
+    else:  # positions: for each request, start .. start + count - 1, laid end to end
+        req_of_token = np.repeat(np.arange(num_reqs), counts)
+        positions = starts[req_of_token] + (np.arange(num_tokens) - query_start_loc[:-1][req_of_token])
+        block_idx = block_tables[req_of_token, positions // block_size].astype(np.int64)
     slot_mapping = block_idx * block_size + positions % block_size
     seq_lens = (starts + counts).astype(np.int32)
     return FlatBatch(
-        req_ids=req_ids, input_ids=np.asarray(input_ids, dtype=np.int64), positions=positions.astype(np.int64),
+        req_ids=req_ids, input_ids=np.array(input_ids, dtype=np.int64), positions=positions,
         slot_mapping=slot_mapping, query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
         logits_indices=logits_indices, sample_req_ids=sample_req_ids,
-        max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+        max_query_len=max(counts_list), max_seq_len=int(seq_lens.max()),
     )
 
 
@@ -138,16 +171,17 @@ class InputBuffers:
     """
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_num_blocks: int, device: torch.device) -> None:
-        self.max_num_tokens, self.max_num_seqs, self.max_num_blocks = max_num_tokens, max_num_seqs, max_num_blocks
+        # Capacities rounded up to 16 elements, so every field starts 16-byte aligned (Triton
+        # specialises kernels on pointer alignment).
+        t, s = _round16(max_num_tokens), _round16(max_num_seqs)
+        self.max_num_tokens, self.max_num_seqs, self.max_num_blocks = t, max_num_seqs, max_num_blocks
         self.device = device
-        t, s = max_num_tokens, max_num_seqs
-        self._o_pos, self._o_slot, self._o_logits = t, 2 * t, 3 * t
-        self._o_qsl, self._o_bt = s, 2 * s + 1
+        self._o_qsl, self._o_bt = s, s + _round16(s + 1)
         on_gpu = device.type == "cuda"
         self.host_i64 = torch.zeros(3 * t + s, dtype=torch.int64, pin_memory=on_gpu)
-        self.host_i32 = torch.zeros(2 * s + 1 + s * max_num_blocks, dtype=torch.int32, pin_memory=on_gpu)
+        self.host_i32 = torch.zeros(self._o_bt + s * max_num_blocks, dtype=torch.int32, pin_memory=on_gpu)
         self.h64, self.h32 = self.host_i64.numpy(), self.host_i32.numpy()
-        self.h64[self._o_slot:self._o_logits] = -1  # padding tokens write nowhere
+        self.h64[2 * t:3 * t] = -1  # padding tokens write nowhere
         self.dev_i64 = self.host_i64.to(device) if on_gpu else self.host_i64
         self.dev_i32 = self.host_i32.to(device) if on_gpu else self.host_i32
         # Recorded after each step's copies: the host waits on it before overwriting the staging.
@@ -200,6 +234,15 @@ class InputBuffers:
         return (self.dev_i64[:n_pad_tok], self.dev_i64[t:t + n_pad_tok], md,
                 self.dev_i64[3 * t:3 * t + num_logits])
 
+    def fill_padding(self) -> None:
+        """Set every device field to padding: token 0 at position 0, slot -1, seq_len 0, one query each."""
+        t = self.max_num_tokens
+        self.dev_i64.zero_()
+        self.dev_i64[2 * t:3 * t].fill_(-1)
+        self.dev_i32.zero_()
+        n = self._o_bt - self._o_qsl
+        self.dev_i32[self._o_qsl:self._o_bt].copy_(torch.arange(n, dtype=torch.int32))
+
     def metadata(self, rows: int, num_tokens: int, width: int, max_query_len: int,
                  max_seq_len: int) -> AttentionMetadata:
         """Attention metadata over views of the device buffers (what a CUDA graph captures)."""
@@ -214,3 +257,7 @@ class InputBuffers:
         """(input_ids, positions) device views of the first ``num_tokens`` tokens."""
         t = self.max_num_tokens
         return self.dev_i64[:num_tokens], self.dev_i64[t:t + num_tokens]
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16

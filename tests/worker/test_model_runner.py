@@ -80,7 +80,7 @@ def test_input_buffers_padded_decode_and_reuse() -> None:
 def test_input_buffers_reject_oversized_batch() -> None:
     batch = build_flat_batch(_states(), SchedulerOutput([], [], {"a": 1, "b": 5}, 6, set()), 16)
     with pytest.raises(ValueError, match="exceeds the input buffers"):
-        InputBuffers(max_num_tokens=4, max_num_seqs=4, max_num_blocks=8, device=torch.device("cpu")).load(batch)
+        InputBuffers(max_num_tokens=32, max_num_seqs=1, max_num_blocks=8, device=torch.device("cpu")).load(batch)
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
