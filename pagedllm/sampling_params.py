@@ -33,6 +33,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # "cumulative": a RequestOutput every step (streaming); "final_only": one when finished (offline LLM).
+    output_kind: str = "cumulative"
     # Filled in by the engine, not by users: all token ids that end generation (EOS + extra).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -90,6 +92,8 @@ class SamplingParams:
              f"must be an integer in [0, 20], got {self.logprobs!r}")
         need(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
              "prompt_logprobs", f"must be an integer in [0, 20], got {self.prompt_logprobs!r}")
+        need(self.output_kind in ("cumulative", "final_only"), "output_kind",
+             f"must be 'cumulative' or 'final_only', got {self.output_kind!r}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")

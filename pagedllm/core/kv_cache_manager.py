@@ -82,9 +82,17 @@ class KVCacheManager:
 
         `new_computed_blocks` are prefix-cache hits to adopt first. Returns the newly
         allocated blocks, or None (changing nothing) if the pool cannot supply them."""
-        new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_computed = request.num_computed_tokens
+        if not new_computed_blocks:
+            # Fast path (most decodes): the last block still has room.
+            num_after = num_computed + num_new_tokens
+            if num_after <= len(blocks) * self.block_size:
+                if num_after % self.block_size == 0 or num_new_tokens > 1:
+                    self._cache_full_blocks(request, num_after)
+                return []
+            new_computed_blocks = []
+        num_computed += len(new_computed_blocks) * self.block_size
         num_required = -(-(num_computed + num_new_tokens) // self.block_size)
         num_new_blocks = num_required - len(blocks) - len(new_computed_blocks)
         # Cached hits sitting in the free queue stop being free when adopted.

@@ -162,12 +162,14 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_preempted = len(preempted)
             new_blocks = self._allocate_or_preempt(req, num_new, preempted)
-            # A victim that was already scheduled this step gives its tokens back.
-            for victim in [r for r in scheduled_running if r.request_id in preempted]:
-                scheduled_running.remove(victim)
-                budget += num_scheduled.pop(victim.request_id)
-                cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
+            if len(preempted) > num_preempted:
+                # A victim that was already scheduled this step gives its tokens back.
+                for victim in [r for r in scheduled_running if r.request_id in preempted]:
+                    scheduled_running.remove(victim)
+                    budget += num_scheduled.pop(victim.request_id)
+                    cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
             if new_blocks is None:  # req itself was preempted
                 continue
             scheduled_running.append(req)

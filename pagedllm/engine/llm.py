@@ -43,6 +43,9 @@ class LLM:
             raise ValueError("priority must have one entry per prompt")
         ids = []
         for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+            if params.output_kind != "final_only":  # offline: only finished outputs are wanted
+                params = params.clone()
+                params.output_kind = "final_only"
             req_id = str(next(self._counter))
             self.engine.add_request(req_id, prompt, params, priority=priority[i] if priority else 0)
             ids.append(req_id)

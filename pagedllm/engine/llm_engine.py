@@ -225,7 +225,8 @@ class LLMEngine:
             self._apply_update(state, sample, upd)
             touched[state.request_id] = state
         self.beam_search.advance()
-        return [self._make_output(state) for state in touched.values()]
+        return [self._make_output(state) for state in touched.values()
+                if state.finished or state.params.output_kind != "final_only"]
 
     def _apply_update(self, state: _RequestState, sample: _Sample, upd: RequestUpdate) -> None:
         req = self.scheduler.requests[upd.req_id]
