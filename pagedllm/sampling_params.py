@@ -6,6 +6,7 @@ raises ``ValueError`` naming the field, so the server can answer HTTP 400.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -60,7 +61,7 @@ class SamplingParams:
             return isinstance(x, int) and not isinstance(x, bool)
 
         def is_num(x: object) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         need(is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
         need(
@@ -80,7 +81,8 @@ class SamplingParams:
              f"must be in [-2, 2], got {self.frequency_penalty!r}")
         need(is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
              f"must be > 0, got {self.repetition_penalty!r}")
-        need(self.seed is None or is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        need(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
+             f"must be an integer in [-2**63, 2**63), got {self.seed!r}")
         need(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
              f"must be an integer >= 1, got {self.max_tokens!r}")
         need(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",

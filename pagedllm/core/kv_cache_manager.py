@@ -149,6 +149,17 @@ class KVCacheManager:
         self.num_cached_blocks[child.request_id] = num_full if self.enable_caching else 0
         return copies
 
+    def uncache_uncomputed(self, request: Request) -> None:
+        """Drop the hashes of blocks registered for tokens that were scheduled but never computed.
+
+        allocate_slots hashes the blocks a step will fill; if the request is preempted
+        before that step runs, those blocks must not be offered as prefix-cache hits.
+        Blocks another request also holds were computed earlier, so they keep their hash."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        for block in blocks[request.num_computed_tokens // self.block_size:]:
+            if block.ref_cnt == 1:
+                self.block_pool.uncache(block)
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, last block first so it is evicted first."""
         blocks = self.req_to_blocks.pop(request.request_id, [])

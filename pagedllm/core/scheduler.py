@@ -269,6 +269,7 @@ class Scheduler:
         """Free a running request's blocks: swapped to the CPU (keeping its progress) when
         preemption_mode is "swap" and the swap space has room, else recomputed later."""
         self.running.remove(req)
+        self.kv_cache_manager.uncache_uncomputed(req)
         if not (self.config.preemption_mode == "swap" and self._swap_out(req)):
             req.num_computed_tokens = 0
         self.kv_cache_manager.free(req)

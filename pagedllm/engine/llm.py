@@ -41,14 +41,18 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("priority must have one entry per prompt")
-        ids = []
-        for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
-            if params.output_kind != "final_only":  # offline: only finished outputs are wanted
-                params = params.clone()
-                params.output_kind = "final_only"
-            req_id = str(next(self._counter))
-            self.engine.add_request(req_id, prompt, params, priority=priority[i] if priority else 0)
-            ids.append(req_id)
+        ids: list[str] = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
+                if params.output_kind != "final_only":  # offline: only finished outputs are wanted
+                    params = params.clone()
+                    params.output_kind = "final_only"
+                req_id = str(next(self._counter))
+                self.engine.add_request(req_id, prompt, params, priority=priority[i] if priority else 0)
+                ids.append(req_id)
+        except ValueError:
+            self.engine.abort_request(ids)  # all or nothing: no earlier prompt stays queued
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(
@@ -69,14 +73,14 @@ class LLM:
         """Beam search for each prompt (vLLM's `LLM.beam_search`); sequences best first."""
         if isinstance(prompts, (str, dict)) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
-        ids = []
-        for prompt in prompts:
-            if isinstance(prompt, dict):
-                prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
-            req_id = str(next(self._counter))
-            self.engine.add_beam_search_request(req_id, prompt, params)
-            ids.append(req_id)
+        ids: list[str] = []
         try:
+            for prompt in prompts:
+                if isinstance(prompt, dict):
+                    prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
+                req_id = str(next(self._counter))
+                self.engine.add_beam_search_request(req_id, prompt, params)
+                ids.append(req_id)
             while self.engine.has_unfinished_requests():
                 self.engine.step()
         except BaseException:

@@ -97,7 +97,7 @@ def update_states(states: dict[str, CachedRequestState], sched: SchedulerOutput,
         gen = None
         if new.sampling_params.seed is not None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(new.sampling_params.seed)
+            gen.manual_seed(new.sampling_params.seed & 0xFFFF_FFFF_FFFF_FFFF)  # seed + sample index may pass 2**63
         states[new.req_id] = CachedRequestState(
             new.req_id, new.prompt_token_ids, new.sampling_params, list(new.block_ids),
             new.num_computed_tokens, list(new.output_token_ids), gen)
