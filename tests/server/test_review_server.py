@@ -4,55 +4,20 @@ leave the requests running beside it untouched."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.server.launch import running_server
+
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("review_server") / "server.log"
-    cmd = [sys.executable, "-m", "pagedllm.server.api_server", "--port", str(port), "--max-model-len", "256",
-           "--device", "cpu", "--uvicorn-log-level", "warning"]
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=Path(__file__).resolve().parents[2])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server(log, "--max-model-len", "256", "--device", "cpu") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _bystander_and_bad(base: str, bad_path: str, bad_body: dict) -> tuple[httpx.Response, httpx.Response]:
