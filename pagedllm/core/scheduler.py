@@ -188,8 +188,9 @@ class Scheduler:
             num_new = min(req.num_tokens - num_hit, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
             if new_blocks is None:
-                # Nothing running will free a block: take back what waiting forks hold.
-                if self.running or not self._drop_waiting_forks(keep=req):
+                # Nothing running will free a block: take back what waiting forks and paused
+                # beams hold (they recompute later; the prefix cache may still hit).
+                if self.running or not (self._drop_waiting_forks(keep=req) or self._release_paused()):
                     break
                 continue
             self.waiting.popleft()
@@ -242,6 +243,16 @@ class Scheduler:
                 r.num_computed_tokens = 0
         self._blocks_to_copy = [(s, d) for s, d in self._blocks_to_copy if d not in dropped]
         return bool(dropped)
+
+    def _release_paused(self) -> bool:
+        """Free the blocks of paused requests; a later fork from one recomputes instead of sharing."""
+        released = False
+        for req in self.paused.values():
+            if self.kv_cache_manager.get_block_ids(req.request_id):
+                self.kv_cache_manager.free(req)
+                req.num_computed_tokens = 0
+                released = True
+        return released
 
     def _cached_data(self, req: Request, new_blocks: list) -> CachedRequestData:
         return CachedRequestData(req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens)

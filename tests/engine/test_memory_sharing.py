@@ -169,3 +169,23 @@ def test_priority_scheduling_runs_urgent_requests_first() -> None:
     while eng.has_unfinished_requests():
         order += [o.request_id for o in eng.step() if o.finished]
     assert order == ["urgent", "mid", "low1", "low2"]
+
+
+def test_beam_search_under_cache_pressure_completes_and_matches(llm: LLM) -> None:
+    """Paused beams must not hold the blocks a waiting beam needs when nothing else runs (no deadlock)."""
+    prompts = ["The history of the old lighthouse on the northern coast of the island is " * 2,
+               "def quicksort(arr):", "My favourite recipe for a quick dinner is"]
+    params = BeamSearchParams(beam_width=4, max_tokens=16)
+    small = LLM(device="cpu", max_model_len=256, block_size=16, num_gpu_blocks_override=14,
+                enable_prefix_caching=False)
+    eng = small.engine
+    for i, p in enumerate(prompts):
+        eng.add_beam_search_request(str(i), p, params)
+    for _ in range(500):
+        if not eng.has_unfinished_requests():
+            break
+        eng.step()
+    assert not eng.has_unfinished_requests(), "beam search stalled under cache pressure"
+    got = [eng.beam_search.pop_output(str(i)).sequences[0].tokens for i in range(len(prompts))]
+    assert got == [o.sequences[0].tokens for o in llm.beam_search(prompts, params)]
+    assert _pool_empty(small)
