@@ -266,6 +266,8 @@ class Scheduler:
             if new_blocks is not None:
                 return new_blocks
             victim = self._pick_victim()
+            if victim is req and (self._drop_waiting_forks(keep=req) or self._release_paused()):
+                continue  # blocks held by requests that are not running came back: retry before preempting
             self._preempt(victim)
             preempted.add(victim.request_id)
             if victim is req:

@@ -141,12 +141,14 @@ class BeamSearchManager:
         survivors = [c for c in candidates if not hits_stop(c[2])][:width]
         group.num_generated = gen_len
         parents, group.running, group.pending = group.running, [], {}
-        if survivors and not self._can_stop_early(group, survivors[0][0]):
-            for score, beam, tid in survivors:
-                self._fork(group, beam, tid, score)
-        else:
-            self._finish(group)
-        self._drop(parents)
+        try:
+            if survivors and not self._can_stop_early(group, survivors[0][0]):
+                for score, beam, tid in survivors:
+                    self._fork(group, beam, tid, score)
+            else:
+                self._finish(group)
+        finally:
+            self._drop(parents)  # the parents' blocks go back even if a fork failed
 
     def _can_stop_early(self, group: _Group, best_running: float) -> bool:
         if len(group.finished) < group.params.beam_width:

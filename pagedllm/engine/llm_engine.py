@@ -154,6 +154,10 @@ class LLMEngine:
         if total > self.scheduler_config.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
                              f"over the model's maximum context length of {self.scheduler_config.max_model_len}")
+        num_blocks = self.scheduler.kv_cache_manager.num_blocks
+        if -(-total // self.cache_config.block_size) > num_blocks:
+            raise ValueError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
+                             f"({num_blocks} blocks of {self.cache_config.block_size}); lower max_tokens")
         self.beam_search.add(request_id, prompt_ids, params)
 
     def tokenize(self, text: str) -> list[int]:

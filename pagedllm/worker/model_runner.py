@@ -69,13 +69,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         update_states(self.states, sched, self.device)
-        # Order matters: swap-outs read blocks this step may reuse; copies read swapped-in blocks.
+        # Order matters. Copies first: a copy's source may be freed this step and reused as a
+        # swap-in target, and a forked request swapped out this step must take its copied block.
+        if sched.blocks_to_copy:
+            self._copy_blocks(sched.blocks_to_copy)
         if sched.blocks_to_swap_out:
             self.swap_space.swap_out(sched.blocks_to_swap_out)
         if sched.blocks_to_swap_in:
             self.swap_space.swap_in(sched.blocks_to_swap_in)
-        if sched.blocks_to_copy:
-            self._copy_blocks(sched.blocks_to_copy)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = build_flat_batch(self.states, sched, self.block_size)
