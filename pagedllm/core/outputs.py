@@ -80,4 +80,27 @@ class RequestUpdate:
     new_token_ids: list[int]
     new_logprobs: LogprobsLists | None = None
     new_prompt_logprobs: LogprobsLists | None = None
-    finished: bool = False
+    # Set when the request finished this step: "stop" | "length" | "abort".
+    finish_reason: str | None = None
+    # The stop token id that ended it (a stop string is found by the engine, not here).
+    stop_reason: int | str | None = None
+    # Prompt tokens served from the prefix cache at first admission (0 until admitted).
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class SchedulerStats:
+    """A snapshot of the scheduler and its KV cache, for metrics (counters are cumulative)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, blocks held by requests
+    num_preemptions: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int
+    num_free_blocks: int
+    num_total_blocks: int

@@ -26,6 +26,7 @@ from pagedllm.core.outputs import (
     NewRequestData,
     RequestUpdate,
     SchedulerOutput,
+    SchedulerStats,
 )
 from pagedllm.core.request import Request, RequestStatus
 
@@ -71,21 +72,27 @@ class Scheduler:
     def _check_admissible(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        request.max_tokens = self.check_length(request.num_prompt_tokens, request.max_tokens)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """The one length/block admission check: ValueError if a prompt of this length with
+        `max_tokens` could never be served; returns max_tokens (None: what the context leaves)."""
         max_len = self.config.max_model_len
-        if request.num_prompt_tokens == 0:
+        if num_prompt_tokens == 0:
             raise ValueError("prompt must contain at least one token")
-        if request.max_tokens is None:
-            request.max_tokens = max(max_len - request.num_prompt_tokens, 1)
-        total = request.num_prompt_tokens + request.max_tokens
-        if request.num_prompt_tokens >= max_len or total > max_len:
+        if max_tokens is None:
+            max_tokens = max(max_len - num_prompt_tokens, 1)
+        total = num_prompt_tokens + max_tokens
+        if num_prompt_tokens >= max_len or total > max_len:
             raise ValueError(
-                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens ({request.max_tokens}) is "
+                f"prompt ({num_prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
                 f"{total}, over the model's maximum context length of {max_len} tokens")
         num_blocks_needed = -(-total // self.block_size)
         if num_blocks_needed > self.kv_cache_manager.num_blocks:
             raise ValueError(
                 f"prompt plus max_tokens ({total} tokens) needs {num_blocks_needed} KV cache blocks but the "
                 f"cache only has {self.kv_cache_manager.num_blocks}; lower max_tokens")
+        return max_tokens
 
     def fork_request(self, parent_id: str, child: Request) -> bool:
         """Start `child` from the KV of running request `parent_id` (beam search).
@@ -323,8 +330,10 @@ class Scheduler:
                     self.pause_request(req_id)
             prompt_lp = runner_out.prompt_logprobs.get(req_id)
             if new_ids or prompt_lp is not None or req.is_finished():
-                updates.append(RequestUpdate(req_id, new_ids, runner_out.logprobs.get(req_id), prompt_lp,
-                                             req.is_finished()))
+                updates.append(RequestUpdate(
+                    req_id, new_ids, runner_out.logprobs.get(req_id), prompt_lp,
+                    finish_reason=req.get_finished_reason(), stop_reason=req.stop_reason,
+                    num_cached_tokens=max(req.num_cached_tokens, 0)))
         return updates
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
@@ -380,6 +389,14 @@ class Scheduler:
         self.requests.pop(request_id, None)
 
     # ---- introspection -----------------------------------------------------
+    def stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage(),
+            num_preemptions=self.num_preemptions, prefix_cache_queries=kv.stats.queries,
+            prefix_cache_hits=kv.stats.hits, num_free_blocks=kv.block_pool.get_num_free_blocks(),
+            num_total_blocks=kv.num_blocks)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.fork_waiters or self.paused)
 

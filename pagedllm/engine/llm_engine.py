@@ -150,14 +150,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         _, prompt_ids = self._prompt_ids(prompt)
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.scheduler_config.max_model_len:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
-                             f"over the model's maximum context length of {self.scheduler_config.max_model_len}")
-        num_blocks = self.scheduler.kv_cache_manager.num_blocks
-        if -(-total // self.cache_config.block_size) > num_blocks:
-            raise ValueError(f"prompt plus max_tokens ({total} tokens) does not fit in the KV cache "
-                             f"({num_blocks} blocks of {self.cache_config.block_size}); lower max_tokens")
+        self.scheduler.check_length(len(prompt_ids), params.max_tokens)
         self.beam_search.add(request_id, prompt_ids, params)
 
     def tokenize(self, text: str) -> list[int]:
@@ -233,14 +226,13 @@ class LLMEngine:
                 if state.finished or state.params.output_kind != "final_only"]
 
     def _apply_update(self, state: _RequestState, sample: _Sample, upd: RequestUpdate) -> None:
-        req = self.scheduler.requests[upd.req_id]
         if upd.new_prompt_logprobs is not None and state.prompt_logprobs is not None and sample.index == 0:
             state.prompt_logprobs.extend(self._logprob_dicts(upd.new_prompt_logprobs))
         if not upd.new_token_ids:
             return
         if state.first_token_time is None:
             state.first_token_time = time.time()
-            state.num_cached_tokens = max(req.num_cached_tokens, 0)
+            state.num_cached_tokens = upd.num_cached_tokens
             self.num_prompt_tokens += len(state.prompt_token_ids)
         self.num_generation_tokens += len(upd.new_token_ids)
         sample.token_ids.extend(upd.new_token_ids)
@@ -249,7 +241,7 @@ class LLMEngine:
             if sample.logprobs is not None:
                 sample.logprobs.extend(self._logprob_dicts(upd.new_logprobs))
         text_ids = upd.new_token_ids
-        stopped_by_token = upd.finished and req.status == RequestStatus.FINISHED_STOPPED
+        stopped_by_token = upd.finish_reason == "stop"
         if stopped_by_token and not state.params.include_stop_str_in_output:
             text_ids = text_ids[:-1]  # the EOS / stop token that ended generation is not part of the text
         stop_str = sample.detok.update(text_ids) if sample.detok else None
@@ -258,7 +250,7 @@ class LLMEngine:
         if stop_str is not None:
             sample.finish_reason, sample.stop_reason = "stop", stop_str
         elif upd.finished:
-            sample.finish_reason, sample.stop_reason = req.get_finished_reason(), req.stop_reason
+            sample.finish_reason, sample.stop_reason = upd.finish_reason, upd.stop_reason
         if sample.finish_reason is not None:
             self.scheduler.free_finished(upd.req_id)
             self._sample_of.pop(upd.req_id, None)
@@ -300,13 +292,13 @@ class LLMEngine:
 
     # ---- stats -------------------------------------------------------------
     def get_stats(self) -> EngineStats:
-        kv = self.scheduler.kv_cache_manager
+        s = self.scheduler.stats()
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=kv.usage(), num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=kv.stats.queries, prefix_cache_hits=kv.stats.hits,
-            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
-            num_free_blocks=kv.block_pool.get_num_free_blocks(), num_total_blocks=kv.num_blocks)
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_cache_usage=s.kv_cache_usage,
+            num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens, num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks)
 
 
 def _generation_config_eos_ids(model_path: str | None) -> set[int]:
