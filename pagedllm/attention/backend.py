@@ -19,7 +19,9 @@ attends to context positions 0 .. that position, inclusive.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,29 +69,33 @@ class AttentionBackend(ABC):
         ...
 
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {}
+# Backend name -> "module:Class" (imported on first use) or a factory function. Lazy, so
+# that this module imports none of its implementations (triton_backend pulls in triton) and
+# the implementations need no registration side effect at import.
+BackendFactory = Callable[[], AttentionBackend]
+_BACKENDS: dict[str, str | BackendFactory] = {
+    "torch": "pagedllm.attention.torch_ref:TorchAttentionBackend",
+    "triton": "pagedllm.attention.triton_backend:TritonAttentionBackend",
+}
 
 
-def register_backend(name: str):
-    """Class decorator: make a backend selectable by name."""
+def register_backend(name: str, factory: str | BackendFactory) -> None:
+    """Make a backend selectable by name: ``factory`` is "module:Class" or a zero-argument callable."""
+    _BACKENDS[name] = factory
 
-    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        cls.name = name
-        _BACKENDS[name] = cls
-        return cls
 
-    return wrap
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
 
 
 def get_backend(name: str) -> AttentionBackend:
     """Instantiate a registered backend; 'auto' picks triton on CUDA, torch otherwise."""
-    # Importing the implementations registers them.
-    from pagedllm.attention import torch_ref  # noqa: F401
-
     if name == "auto":
         name = "triton" if torch.cuda.is_available() else "torch"
-    if name == "triton":
-        from pagedllm.attention import triton_backend  # noqa: F401
-    if name not in _BACKENDS:
-        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()
+    factory = _BACKENDS.get(name)
+    if factory is None:
+        raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {available_backends()}")
+    if isinstance(factory, str):
+        module_name, _, class_name = factory.partition(":")
+        factory = getattr(importlib.import_module(module_name), class_name)
+    return factory()

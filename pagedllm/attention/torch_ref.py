@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 
 
-@register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     """Reference paged attention in plain PyTorch (fp32 softmax, GQA, ragged batches)."""
+
+    name = "torch"
 
     def forward(
         self,

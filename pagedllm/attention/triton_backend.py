@@ -25,7 +25,7 @@ import os
 import torch
 import triton
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.attention.triton_paged_attention import paged_attention, reshape_and_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,13 +65,14 @@ def _prefill_block_m(max_query_len: int, queries_per_kv: int) -> int:
     return min(max(triton.next_power_of_2(max(1, max_query_len) * queries_per_kv), smallest), max(smallest, 64))
 
 
-@register_backend("triton")
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention through the Triton kernels (CUDA, or TRITON_INTERPRET=1 on the CPU).
 
     ``decode_num_splits`` fixes the decode split count (tests, benchmarks);
     None picks it from the batch and the GPU's SM count.
     """
+
+    name = "triton"
 
     def __init__(self, decode_num_splits: int | None = None) -> None:
         if decode_num_splits is not None and (decode_num_splits < 1 or decode_num_splits & (decode_num_splits - 1)):

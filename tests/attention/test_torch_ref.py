@@ -125,3 +125,16 @@ def test_empty_cache_runs_fresh_prefills_and_rejects_context():
 
 def test_registered_as_torch():
     assert isinstance(get_backend("torch"), TorchAttentionBackend)
+
+
+def test_registry_is_lazy_and_takes_factories():
+    from pagedllm.attention import backend
+
+    assert {"torch", "triton"} <= set(backend.available_backends())
+    backend.register_backend("probe", TorchAttentionBackend)
+    try:
+        assert isinstance(get_backend("probe"), TorchAttentionBackend)
+    finally:
+        del backend._BACKENDS["probe"]
+    with pytest.raises(ValueError, match="attention_backend: unknown backend 'nope'"):
+        get_backend("nope")
