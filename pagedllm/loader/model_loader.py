@@ -1,6 +1,7 @@
 """Building the model on its device and filling its weights.
 
     resolve (if not done) -> build the nn.Module on `device` in `torch_dtype`
+                          -> choose the element-wise kernels once (fused Triton on CUDA)
                           -> weights: HF safetensors | GGUF (dequantized) | dummy (random)
 
 The module is built directly on the target device and dtype (no fp32 copy
@@ -19,6 +20,7 @@ from torch import nn
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.config import ModelConfig
 from pagedllm.loader.resolve import resolve_dtype, resolve_model
+from pagedllm.models.layers.kernels import select_kernels
 from pagedllm.models.registry import get_model_class
 
 # Dummy weights: small enough that activations stay tame in fp16 through many layers.
@@ -36,6 +38,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     model_cls = get_model_class(hf_config)
     with _default_dtype(model_config.torch_dtype), device:
         model = model_cls(hf_config, attn_backend)
+    select_kernels(model, device)
     fmt = model_config.load_format
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)

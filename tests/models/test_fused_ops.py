@@ -3,13 +3,14 @@
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set
 before the kernels are defined) in fp32, where they must match the torch path to
 float rounding; the ``gpu`` tests run them compiled in bf16 through the layers
-themselves (which dispatch to them on CUDA) against the torch path.
+themselves (given the kernels by ``select_kernels`` on CUDA) against the torch path.
 """
 
 import os
 
 import pytest
 import torch
+from torch import nn
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -18,6 +19,7 @@ pytest.importorskip("triton")
 
 from pagedllm.models.layers import fused_ops  # noqa: E402
 from pagedllm.models.layers.activation import SiluAndMul  # noqa: E402
+from pagedllm.models.layers.kernels import fused_kernels_wanted, select_kernels  # noqa: E402
 from pagedllm.models.layers.norm import RMSNorm  # noqa: E402
 from pagedllm.models.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -73,12 +75,29 @@ def test_silu_and_mul_interpreted(d: int) -> None:
     torch.testing.assert_close(fused_ops.silu_and_mul(x), SiluAndMul()(x))
 
 
-# ---- GPU: the layers dispatch to the kernels on CUDA; compare with PAGEDLLM_FUSED_OPS=0 ----------------
+def test_kernel_choice_follows_device_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    norm = RMSNorm(8)
+    assert not fused_kernels_wanted("cpu") and select_kernels(norm, "cpu") is False
+    assert norm._fused is None
+    assert select_kernels(norm, "cpu", fused=True) is True and norm._fused is fused_ops.rms_norm
+    monkeypatch.setenv("PAGEDLLM_FUSED_OPS", "0")
+    assert not fused_kernels_wanted("cuda")
+    monkeypatch.setenv("PAGEDLLM_FUSED_OPS", "1")
+    assert fused_kernels_wanted("cuda")
 
-def _torch_path(monkeypatch: pytest.MonkeyPatch, fn):
+
+# ---- GPU: select_kernels gives the layers the kernels on CUDA; compare with the torch path ---------------
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch, layer: nn.Module, fn):
+    # PAGEDLLM_FUSED_OPS=0 is read when the kernels are chosen: choose again for the reference.
     with monkeypatch.context() as m:
         m.setenv("PAGEDLLM_FUSED_OPS", "0")
-        return fn()
+        assert not select_kernels(layer, "cuda")
+        try:
+            return fn()
+        finally:
+            m.delenv("PAGEDLLM_FUSED_OPS")
+            assert select_kernels(layer, "cuda")
 
 
 def _close_bf16(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -92,24 +111,26 @@ def test_layers_fused_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     dtype, dev = torch.bfloat16, "cuda"
     x, res = torch.randn(37, 4096, device=dev, dtype=dtype), torch.randn(37, 4096, device=dev, dtype=dtype)
     norm = _norm(4096, dtype, dev)
+    act = SiluAndMul()
+    rope = RotaryEmbedding(128, 8192, 500000.0, {"rope_type": "default"}).to(dev)
+    for layer in (norm, act, rope):
+        assert select_kernels(layer, dev)
     out, res_out = norm(x, res)
-    ref_out, ref_res = _torch_path(monkeypatch, lambda: norm(x, res))
+    ref_out, ref_res = _torch_path(monkeypatch, norm, lambda: norm(x, res))
     _close_bf16(out, ref_out)
     assert torch.equal(res_out, ref_res)  # the add rounds the same way
-    _close_bf16(norm(x), _torch_path(monkeypatch, lambda: norm(x)))
+    _close_bf16(norm(x), _torch_path(monkeypatch, norm, lambda: norm(x)))
 
-    act = SiluAndMul()
     y = torch.randn(37, 2 * 14336, device=dev, dtype=dtype)
-    _close_bf16(act(y), _torch_path(monkeypatch, lambda: act(y)))
+    _close_bf16(act(y), _torch_path(monkeypatch, act, lambda: act(y)))
 
-    rope = RotaryEmbedding(128, 8192, 500000.0, {"rope_type": "default"}).to(dev)
     qkv = torch.randn(37, 48 * 128, device=dev, dtype=dtype)
     positions = torch.randint(0, 8192, (37,), device=dev)
 
     def views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return t[:, : 32 * 128].view(37, 32, 128), t[:, 32 * 128 : 40 * 128].view(37, 8, 128)
 
-    ref_q, ref_k = _torch_path(monkeypatch, lambda: rope(positions, *views(qkv.clone())))
+    ref_q, ref_k = _torch_path(monkeypatch, rope, lambda: rope(positions, *views(qkv.clone())))
     q, k = rope(positions, *views(qkv))
     _close_bf16(q, ref_q)
     _close_bf16(k, ref_k)

@@ -12,25 +12,19 @@ costs its launch (a CUDA graph removes the CPU side of a launch, not the
 torch versions add about a thousand kernels per step. benchmarks/GPU_NOTES.md
 has the measurement that kept them.
 
-The layers (norm.py, rotary.py, activation.py) call these only for CUDA
-tensors when ``fused_ops_enabled()``; the torch code stays the reference and
-the CPU path. Arithmetic is fp32 inside the kernels, one rounding to the model
-dtype at the end (the torch path rounds after each op, so results differ by
-bf16 rounding, not more). Set ``PAGEDLLM_FUSED_OPS=0`` to turn them off.
+The layers (norm.py, rotary.py, activation.py) call these once
+``kernels.select_kernels`` has chosen them, when the model is built on a CUDA
+device; the torch code stays the reference and the CPU path. Arithmetic is
+fp32 inside the kernels, one rounding to the model dtype at the end (the torch
+path rounds after each op, so results differ by bf16 rounding, not more). Set
+``PAGEDLLM_FUSED_OPS=0`` (read when the model is built) to turn them off.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-
-def fused_ops_enabled(x: torch.Tensor) -> bool:
-    """True when ``x`` lives on a CUDA device and the fused kernels are not switched off."""
-    return x.is_cuda and os.environ.get("PAGEDLLM_FUSED_OPS", "1") != "0"
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------

@@ -8,15 +8,21 @@ up by position, so a ragged batch needs no per-sequence work.
 Frequency schedules (``rope_type``): "default", "linear" (positions divided by
 ``factor``) and "llama3" (long wavelengths divided by ``factor``, short ones
 kept, a smooth blend between), matching transformers' ``modeling_rope_utils``.
+
+On CUDA, ``kernels.select_kernels`` swaps in one fused Triton kernel rotating q and
+k in place (fused_ops.py), once, when the model is built.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from pagedllm.models.layers.kernels import fused_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -84,6 +90,11 @@ class RotaryEmbedding(nn.Module):
         # Kept in fp32 whatever the model dtype; cast at use, as HF does.
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self._fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def use_fused_kernels(self, enabled: bool) -> None:
+        """Rotate q and k in place with one Triton kernel instead of torch; set once, at model build."""
+        self._fused = fused_ops().rotary_embedding_ if enabled else None
 
     def forward(
         self,
@@ -91,11 +102,8 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # (T, num_heads, head_dim)
         key: torch.Tensor,  # (T, num_kv_heads, head_dim)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if query.is_cuda:
-            from pagedllm.models.layers import fused_ops
-
-            if fused_ops.fused_ops_enabled(query):  # in place, one kernel for q and k (fused_ops.py)
-                return fused_ops.rotary_embedding_(positions, query, key, self.cos_cache, self.sin_cache)
+        if self._fused is not None:  # in place, one kernel for q and k
+            return self._fused(positions, query, key, self.cos_cache, self.sin_cache)
         cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)  # (T, 1, head_dim // 2)
         sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)
         return _rotate(query, cos, sin), _rotate(key, cos, sin)
