@@ -19,6 +19,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: from the model's config
     seed: int = 0
     tokenizer: str | None = None
+    quantization: str | None = None  # None: dense weights; else a name in pagedllm.quantization
     hf_config: Any = None  # filled by the loader: a transformers PretrainedConfig
     torch_dtype: Any = None  # filled by the loader: the torch.dtype weights and KV cache use
 
@@ -70,6 +71,7 @@ class EngineArgs:
     device: str = "auto"
     enforce_eager: bool = False
     attention_backend: str = "auto"
+    quantization: str | None = None
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,12 +93,16 @@ class EngineArgs:
             raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        from pagedllm.quantization import check_quantization  # torch-free: keeps this module light
+
+        check_quantization(self.quantization)
 
     # ---- component configs -------------------------------------------------
     def model_config(self) -> ModelConfig:
         return ModelConfig(
             model=self.model, load_format=self.load_format, dtype=self.dtype,
             max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
+            quantization=self.quantization,
         )
 
     def cache_config(self) -> CacheConfig:
@@ -143,6 +149,7 @@ class EngineArgs:
         parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--quantization", "-q", default=None, help="weight quantization method (default: none)")
         parser.add_argument("--served-model-name", default=None)
         parser.add_argument("--skip-tokenizer-init", action="store_true")
 

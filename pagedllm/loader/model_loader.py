@@ -1,6 +1,8 @@
 """Building the model on its device and filling its weights.
 
     resolve (if not done) -> build the nn.Module on `device` in `torch_dtype`
+                             (linear layers get their quantization method from
+                             ``ModelConfig.quantization``)
                           -> choose the element-wise kernels once (fused Triton on CUDA)
                           -> weights: HF safetensors | GGUF (dequantized) | dummy (random)
 
@@ -22,6 +24,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.loader.resolve import resolve_dtype, resolve_model
 from pagedllm.models.layers.kernels import select_kernels
 from pagedllm.models.registry import get_model_class
+from pagedllm.quantization import get_quantization_config
 
 # Dummy weights: small enough that activations stay tame in fp16 through many layers.
 _DUMMY_RANGE = 0.02
@@ -36,8 +39,11 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     # "auto" depends on the device (float32 on CPU), which resolve_model may not have known.
     model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, device)
     model_cls = get_model_class(hf_config)
+    quant_config = get_quantization_config(
+        model_config.quantization, getattr(hf_config, "quantization_config", None)
+    )
     with _default_dtype(model_config.torch_dtype), device:
-        model = model_cls(hf_config, attn_backend)
+        model = model_cls(hf_config, attn_backend, quant_config=quant_config)
     select_kernels(model, device)
     fmt = model_config.load_format
     if fmt == "dummy":

@@ -27,14 +27,10 @@ from torch import nn
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.models.layers.activation import SiluAndMul
 from pagedllm.models.layers.embedding import LMHead, VocabEmbedding
-from pagedllm.models.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    copy_weight,
-)
+from pagedllm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.models.layers.norm import RMSNorm
 from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedllm.quantization.base import QuantizationConfig, copy_weight
 
 # Checkpoint tensors that are derived state, not weights.
 _IGNORED_WEIGHTS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -48,7 +44,8 @@ def get_head_dim(hf_config: Any) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend
+        self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         model_type = getattr(config, "model_type", "llama")
@@ -57,12 +54,13 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, self.head_dim, config.num_attention_heads,
             getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            bias=attention_bias or model_type == "qwen2",
+            bias=attention_bias or model_type == "qwen2", quant_config=quant_config,
         )
         self.num_heads = self.qkv_proj.num_heads  # of this tensor-parallel worker
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=attention_bias
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=attention_bias,
+            quant_config=quant_config,
         )
         self.qk_norm = model_type == "qwen3"
         if self.qk_norm:
@@ -93,26 +91,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; the Llama family uses 'silu'")
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=mlp_bias
+            config.hidden_size, [config.intermediate_size] * 2, bias=mlp_bias, quant_config=quant_config
         )
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=mlp_bias)
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=mlp_bias, quant_config=quant_config
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, hidden) -> (T, hidden)
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: Any, rotary_emb: RotaryEmbedding, attn_backend: AttentionBackend,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, attn_backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary_emb, attn_backend, quant_config)
+        self.mlp = LlamaMLP(config, quant_config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -134,14 +137,17 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, attn_backend: AttentionBackend) -> None:
+    def __init__(
+        self, config: Any, attn_backend: AttentionBackend, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__()
         theta, scaling = rope_parameters(config)
         # One cos/sin table shared by every layer.
         rotary_emb = RotaryEmbedding(get_head_dim(config), config.max_position_embeddings, theta, scaling)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, rotary_emb, attn_backend) for _ in range(config.num_hidden_layers)]
+            [LlamaDecoderLayer(config, rotary_emb, attn_backend, quant_config)
+             for _ in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -172,10 +178,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, hf_config: Any, attn_backend: AttentionBackend) -> None:
+    def __init__(
+        self, hf_config: Any, attn_backend: AttentionBackend, quant_config: QuantizationConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, attn_backend)
+        self.model = LlamaModel(hf_config, attn_backend, quant_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
         self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to)

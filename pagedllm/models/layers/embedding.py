@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.models.layers.linear import copy_weight
 from pagedllm.models.layers.parallel import all_gather_last_dim, all_reduce, get_tp_rank, get_tp_size
+from pagedllm.quantization.base import copy_weight
 
 
 class VocabEmbedding(nn.Module):

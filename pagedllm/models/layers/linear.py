@@ -11,61 +11,66 @@ model's ``load_weights`` never needs to know how a parameter is split:
     RowParallelLinear            input dim split; partial sums all-reduced
 
 With one worker (the default) every split is the identity.
+
+How a layer stores and multiplies its weight is its quantization method's
+(``pagedllm.quantization``): the layer works out which slice of a checkpoint
+tensor it owns and where a fused shard goes, then hands the slice to
+``quant_method.weight_loader``; ``forward`` is ``quant_method.apply``. Without a
+quantization config the method is ``UnquantizedLinearMethod`` (dense).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get_tp_size
-
-
-def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy a checkpoint tensor into (a view of) a parameter, refusing silent broadcasting."""
-    if dst.shape != src.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter {tuple(dst.shape)}")
-    dst.copy_(src)
+from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, UnquantizedLinearMethod
 
 
 class LinearBase(nn.Module):
     """``y = x @ W.T + b``; ``tp_dim`` is the weight dimension split across workers (None: replicated)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp_dim: int | None,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.tp_dim = tp_dim
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
-        else:
-            self.register_parameter("bias", None)
+        self.input_size, self.output_size = input_size, output_size  # of this worker
+        self.quant_method: QuantizationMethod = (
+            quant_config.get_linear_method(self) if quant_config is not None else UnquantizedLinearMethod()
+        )
+        self.quant_method.create_weights(self, input_size, output_size, bias, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         # Take this worker's slice along tp_dim; a row-parallel bias (1-D) is not split.
         if self.tp_dim is not None and self.tp_size > 1 and self.tp_dim < loaded_weight.dim():
             loaded_weight = loaded_weight.chunk(self.tp_size, self.tp_dim)[self.tp_rank]
-        copy_weight(param.data, loaded_weight)
+        self.quant_method.weight_loader(self, param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
     """Every worker holds the whole weight."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, output_size, bias, tp_dim=None)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant_config: QuantizationConfig | None = None
+    ) -> None:
+        super().__init__(input_size, output_size, bias, tp_dim=None, quant_config=quant_config)
 
 
 class ColumnParallelLinear(LinearBase):
     """Each worker computes a slice of the outputs; the result stays split."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, divide(output_size, get_tp_size(), "output size"), bias, tp_dim=0)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant_config: QuantizationConfig | None = None
+    ) -> None:
+        output_size = divide(output_size, get_tp_size(), "output size")
+        super().__init__(input_size, output_size, bias, tp_dim=0, quant_config=quant_config)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -74,9 +79,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     ``shard_id`` is the index of the sub-linear a checkpoint tensor belongs to.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
@@ -84,7 +92,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
-        copy_weight(param.data.narrow(0, offset, size), loaded_weight)
+        self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -94,14 +102,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         tp_size = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
         self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
         output_size = (num_heads + 2 * num_kv_heads) * head_dim
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         q_size = self.num_heads * self.head_dim
@@ -111,16 +120,19 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
         loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
-        copy_weight(param.data.narrow(0, offset, size), loaded_weight)
+        self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 
 class RowParallelLinear(LinearBase):
     """Each worker multiplies its slice of the inputs; partial outputs are summed over workers."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(divide(input_size, get_tp_size(), "input size"), output_size, bias, tp_dim=1)
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant_config: QuantizationConfig | None = None
+    ) -> None:
+        input_size = divide(input_size, get_tp_size(), "input size")
+        super().__init__(input_size, output_size, bias, tp_dim=1, quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins on one worker only, so the all-reduce adds it once.
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y)

@@ -1,0 +1,95 @@
+"""The quantization interfaces: a config per model, a method per linear layer.
+
+    QuantizationConfig   one per model, from ``ModelConfig.quantization`` and the
+                         checkpoint's ``quantization_config``; hands each linear
+                         layer its method (``get_linear_method``)
+    QuantizationMethod   creates the layer's parameters, fills them from
+                         checkpoint tensors, and computes ``y = x W^T + b``
+
+The linear layer keeps what depends on parallelism (which slice of a checkpoint
+tensor this worker owns, where a fused shard goes); the method owns how that
+slice is stored and multiplied. ``UnquantizedLinearMethod`` is the dense one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The layer's loader set on each parameter: (param, checkpoint tensor, shard id or None).
+WeightLoader = Callable[..., None]
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a checkpoint tensor into (a view of) a parameter, refusing silent broadcasting."""
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class QuantizationMethod(ABC):
+    """How one linear layer stores, loads and applies its weight."""
+
+    @abstractmethod
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_size: int, bias: bool, weight_loader: WeightLoader
+    ) -> None:
+        """Register the layer's parameters (this worker's ``output_size x input_size``), each
+        carrying ``weight_loader``; a layer without bias registers ``bias`` as None."""
+
+    @abstractmethod
+    def weight_loader(
+        self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
+        output_span: tuple[int, int] | None = None,
+    ) -> None:
+        """Store ``loaded_weight`` (this worker's slice of a checkpoint tensor) in ``param``;
+        ``output_span`` (offset, size) along the output dim for one shard of a fused layer."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` (..., input_size) -> (..., output_size)."""
+
+
+class QuantizationConfig(ABC):
+    """A quantization format: reads its settings and gives each linear layer its method."""
+
+    name: str = "abstract"
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, hf_quant_config: dict[str, Any]) -> QuantizationConfig:
+        """Build from the checkpoint's ``quantization_config`` dict (empty when it has none)."""
+
+    @abstractmethod
+    def get_linear_method(self, layer: nn.Module) -> QuantizationMethod:
+        """The method for ``layer``; ``UnquantizedLinearMethod()`` for layers kept dense."""
+
+
+class UnquantizedLinearMethod(QuantizationMethod):
+    """Dense weights stored as HF stores them, ``(output_size, input_size)``, in the model dtype."""
+
+    def create_weights(
+        self, layer: nn.Module, input_size: int, output_size: int, bias: bool, weight_loader: WeightLoader
+    ) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        layer.weight.weight_loader = weight_loader
+        if bias:
+            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            layer.bias.weight_loader = weight_loader
+        else:
+            layer.register_parameter("bias", None)
+
+    def weight_loader(
+        self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
+        output_span: tuple[int, int] | None = None,
+    ) -> None:
+        dst = param.data if output_span is None else param.data.narrow(0, *output_span)
+        copy_weight(dst, loaded_weight)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
