@@ -51,6 +51,18 @@ class DeviceConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is split over devices; rank ``r`` of ``world_size`` runs on one of them."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
@@ -72,6 +84,8 @@ class EngineArgs:
     enforce_eager: bool = False
     attention_backend: str = "auto"
     quantization: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -93,9 +107,18 @@ class EngineArgs:
             raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        self._check_parallel_and_quantization()
+
+    def _check_parallel_and_quantization(self) -> None:
         from pagedllm.quantization import check_quantization  # torch-free: keeps this module light
 
         check_quantization(self.quantization)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            size = getattr(self, name)
+            if size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}")
+            if size != 1:  # the layers and KV shapes are per rank already; the executor is not
+                raise ValueError(f"{name}={size} is not supported yet: pagedllm runs on one device (use 1)")
 
     # ---- component configs -------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -118,6 +141,10 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
             policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
         )
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
+                              pipeline_parallel_size=self.pipeline_parallel_size)
 
     def device_config(self) -> DeviceConfig:
         return DeviceConfig(device=self.device, enforce_eager=self.enforce_eager,
@@ -150,6 +177,8 @@ class EngineArgs:
         parser.add_argument("--enforce-eager", action="store_true")
         parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
         parser.add_argument("--quantization", "-q", default=None, help="weight quantization method (default: none)")
+        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
         parser.add_argument("--served-model-name", default=None)
         parser.add_argument("--skip-tokenizer-init", action="store_true")
 

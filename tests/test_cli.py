@@ -49,3 +49,9 @@ def test_bad_flag_value_is_a_clear_error() -> None:
     proc = _cli("generate", "hi", "--block-size", "12", "--device", "cpu")
     assert proc.returncode != 0
     assert "block_size must be a power of two" in proc.stderr
+
+
+def test_parallel_sizes_are_refused_until_distributed_lands() -> None:
+    proc = _cli("generate", "hi", "-tp", "2", "--device", "cpu")
+    assert proc.returncode == 2
+    assert "tensor_parallel_size=2 is not supported yet" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 
 
@@ -24,11 +24,18 @@ class Executor(ABC):
 
 
 class UniProcExecutor(Executor):
+    """One worker, rank 0 of a world of one, in this process."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 device_config: DeviceConfig) -> None:
+                 device_config: DeviceConfig, parallel_config: ParallelConfig | None = None) -> None:
         from pagedllm.worker.worker import Worker
 
-        self.worker = Worker(model_config, cache_config, scheduler_config, device_config)
+        parallel_config = parallel_config or ParallelConfig()
+        if parallel_config.world_size != 1:
+            raise ValueError(f"UniProcExecutor runs one worker; this parallel config needs "
+                             f"{parallel_config.world_size}")
+        self.worker = Worker(model_config, cache_config, scheduler_config, device_config, parallel_config,
+                             rank=0, local_rank=0)
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

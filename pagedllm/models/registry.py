@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from pagedllm.models.layers.parallel import divide
 from pagedllm.models.llama import LlamaForCausalLM, get_head_dim
 
 # HF `architectures` entry -> implementation. The Llama family shares one class,
@@ -54,7 +55,8 @@ def get_model_class(hf_config: Any) -> type[nn.Module]:
     return _MODELS[arch]
 
 
-def kv_cache_shape_info(hf_config: Any) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of the whole model (not divided by tensor parallelism)."""
+def kv_cache_shape_info(hf_config: Any, tp_size: int = 1) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of one tensor-parallel rank: each of ``tp_size``
+    ranks caches the K/V of its own ``num_kv_heads / tp_size`` heads (QKVParallelLinear's split)."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    return hf_config.num_hidden_layers, num_kv_heads, get_head_dim(hf_config)
+    return hf_config.num_hidden_layers, divide(num_kv_heads, tp_size, "num_key_value_heads"), get_head_dim(hf_config)

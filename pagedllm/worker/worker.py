@@ -1,5 +1,10 @@
 """Worker: owns one device. Loads the model (through the ModelRunner), profiles memory
-to size the KV cache, and executes steps."""
+to size the KV cache, and executes steps.
+
+One worker runs per rank of ``ParallelConfig.world_size``; ``rank`` is its place
+in the whole group and ``local_rank`` its GPU on this host (``cuda:local_rank``).
+Today the executor starts one worker, rank 0.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 
 import torch
 
-from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -15,20 +20,31 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def select_device(device_config: DeviceConfig) -> torch.device:
+def select_device(device_config: DeviceConfig, local_rank: int = 0) -> torch.device:
+    """``cuda:local_rank`` (made the current device, where kernels launch), or the CPU."""
     if device_config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but torch sees no CUDA GPU")
     if device_config.device == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local_rank {local_rank} has no GPU: torch sees {torch.cuda.device_count()}")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
 
 
 class Worker:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 device_config: DeviceConfig) -> None:
+                 device_config: DeviceConfig, parallel_config: ParallelConfig | None = None, rank: int = 0,
+                 local_rank: int = 0) -> None:
+        self.parallel_config = parallel_config or ParallelConfig()
+        if not 0 <= rank < self.parallel_config.world_size or local_rank < 0:
+            raise ValueError(f"rank {rank} / local_rank {local_rank} is not in a world of "
+                             f"{self.parallel_config.world_size}")
+        self.rank, self.local_rank = rank, local_rank
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
-        self.device = select_device(device_config)
+        self.device = select_device(device_config, local_rank)
         self.memory_profile: dict[str, float] = {}
         torch.manual_seed(model_config.seed)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device)

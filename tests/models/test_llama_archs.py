@@ -104,3 +104,12 @@ def test_registry_and_cache_geometry(checkpoint):
     assert get_model_class(config).__name__ == "LlamaForCausalLM"
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     assert kv_cache_shape_info(config) == (2, config.num_key_value_heads, head_dim)
+
+
+def test_cache_geometry_is_per_tensor_parallel_rank(checkpoint):
+    config = checkpoint[0].config
+    layers, kv_heads, head_dim = kv_cache_shape_info(config)
+    if kv_heads % 2 == 0:
+        assert kv_cache_shape_info(config, tp_size=2) == (layers, kv_heads // 2, head_dim)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        kv_cache_shape_info(config, tp_size=kv_heads + 1)

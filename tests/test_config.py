@@ -1,0 +1,31 @@
+"""EngineArgs validation and the component configs it builds (no model is loaded)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pagedllm.config import EngineArgs, ParallelConfig
+
+
+@pytest.mark.parametrize("field", ["tensor_parallel_size", "pipeline_parallel_size"])
+def test_parallel_sizes_other_than_one_are_a_clear_error(field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field}=2 is not supported yet"):
+        EngineArgs(**{field: 2})
+    with pytest.raises(ValueError, match=f"{field} must be >= 1"):
+        EngineArgs(**{field: 0})
+
+
+def test_parallel_config_and_cli_flags() -> None:
+    assert EngineArgs().parallel_config() == ParallelConfig(1, 1)
+    assert ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=3).world_size == 6
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    ns = parser.parse_args(["-tp", "1", "--pipeline-parallel-size", "1"])
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.quantization) == (1, 1, None)
+    with pytest.raises(ValueError, match="tensor_parallel_size=4"):
+        EngineArgs.from_cli_args(parser.parse_args(["--tensor-parallel-size", "4"]))
+    with pytest.raises(ValueError, match="quantization: unknown method 'fp8'"):
+        EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp8"]))
