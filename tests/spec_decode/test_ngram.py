@@ -1,0 +1,51 @@
+"""The n-gram (prompt lookup) proposer and SpeculativeConfig, on plain token-id lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagedllm.spec_decode import NgramProposer, Proposer, SpeculativeConfig
+
+
+def _proposer(k: int = 3, lo: int = 1, hi: int = 4) -> NgramProposer:
+    return NgramProposer(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=lo, prompt_lookup_max=hi))
+
+
+def test_continues_the_earlier_occurrence_of_the_suffix() -> None:
+    #        a  b  c  d  x  y  a  b  c
+    tokens = [1, 2, 3, 4, 8, 9, 1, 2, 3]
+    assert _proposer(k=3).propose([tokens]) == [[4, 8, 9]]
+    assert _proposer(k=10).propose([tokens]) == [[4, 8, 9, 1, 2, 3]]  # stops at the end of the tokens
+
+
+def test_longest_ngram_wins_then_earliest_match() -> None:
+    # suffix "5 1 2": the 3-gram matches at index 4 (-> 7); the 1-gram "2" alone would match at index 1 (-> 6)
+    tokens = [1, 2, 6, 0, 5, 1, 2, 7, 5, 1, 2]
+    assert _proposer(k=1).propose([tokens]) == [[7]]
+    # Two earlier matches of "1 2": the earliest one is continued.
+    assert _proposer(k=2, hi=2).propose([[1, 2, 3, 0, 1, 2, 4, 1, 2]]) == [[3, 0]]
+
+
+def test_no_match_or_too_short_gives_an_empty_draft() -> None:
+    proposer = _proposer(lo=2)
+    assert proposer.propose([[1, 2, 3, 4], [7], [], [5, 5]]) == [[], [], [], []]
+    assert _proposer(lo=1).propose([[5, 5]]) == [[5]]  # "5" occurred before the last token
+
+
+def test_accepts_numpy_arrays_and_drafts_per_request() -> None:
+    proposer = _proposer(k=2)
+    drafts = proposer.propose([np.array([3, 4, 3]), [1, 2, 1, 2]])
+    assert drafts == [[4, 3], [1, 2]]
+    assert isinstance(proposer, Proposer) and proposer.num_speculative_tokens == 2
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"num_speculative_tokens": 2, "method": "eagle"}, "method"),
+    ({"num_speculative_tokens": 2, "prompt_lookup_min": 0}, "prompt_lookup_min"),
+    ({"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "prompt_lookup_max"),
+])
+def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpeculativeConfig(**kwargs)
