@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.models.layers.kernels import fused_ops
+from pagedllm.models.layers.kernels import load_fused_ops
 
 
 class SiluAndMul(nn.Module):
@@ -20,7 +20,7 @@ class SiluAndMul(nn.Module):
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run one Triton kernel instead of silu + mul (fused_ops.py); set once, at model build."""
-        self._fused = fused_ops().silu_and_mul if enabled else None
+        self._fused = load_fused_ops().silu_and_mul if enabled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

@@ -39,7 +39,7 @@ def select_kernels(model: nn.Module, device: torch.device | str, fused: bool | N
     return fused
 
 
-def fused_ops() -> ModuleType:
+def load_fused_ops() -> ModuleType:
     """The fused_ops module, imported on first use: it imports triton, which the CPU path does not need."""
     from pagedllm.models.layers import fused_ops as module
 

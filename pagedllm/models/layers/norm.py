@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pagedllm.models.layers.kernels import fused_ops
+from pagedllm.models.layers.kernels import load_fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Run the fused Triton RMSNorm (+ residual add) instead of torch; set once, at model build."""
-        self._fused = fused_ops().rms_norm if enabled else None
+        self._fused = load_fused_ops().rms_norm if enabled else None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

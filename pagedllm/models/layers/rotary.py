@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.models.layers.kernels import fused_ops
+from pagedllm.models.layers.kernels import load_fused_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -94,7 +94,7 @@ class RotaryEmbedding(nn.Module):
 
     def use_fused_kernels(self, enabled: bool) -> None:
         """Rotate q and k in place with one Triton kernel instead of torch; set once, at model build."""
-        self._fused = fused_ops().rotary_embedding_ if enabled else None
+        self._fused = load_fused_ops().rotary_embedding_ if enabled else None
 
     def forward(
         self,
