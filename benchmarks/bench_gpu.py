@@ -298,7 +298,7 @@ def _kernel_breakdown(fn, iters: int = 20) -> dict[str, float]:
 
 
 def part_fused(config: str) -> dict:
-    """Decoder-layer time with the fused Triton element-wise kernels on and off (PAGEDLLM_FUSED_OPS).
+    """Decoder-layer time with the fused Triton element-wise kernels on and off (select_kernels).
 
     Decode: a CUDA graph of 8 chained layer calls at batch 1 and 256 (context 640); prefill: one
     eager layer call on 8 x 1024 new tokens. Microseconds per layer call."""
@@ -307,6 +307,7 @@ def part_fused(config: str) -> dict:
     from transformers import AutoConfig
 
     from pagedllm.attention.backend import get_backend
+    from pagedllm.models.layers.kernels import select_kernels
     from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
     from pagedllm.models.llama import LlamaDecoderLayer, get_head_dim
 
@@ -321,7 +322,7 @@ def part_fused(config: str) -> dict:
     kv = torch.zeros(256 * 640 // 16, 2, 16, cfg.num_key_value_heads, get_head_dim(cfg), device="cuda")
     out = {}
     for fused in ("1", "0"):
-        os.environ["PAGEDLLM_FUSED_OPS"] = fused
+        select_kernels(layer, "cuda", fused=fused == "1")
         with torch.inference_mode():
             for bs in (1, 256):
                 pos, x, md = _layer_inputs(bs, 1, 640, cfg.hidden_size)
@@ -330,7 +331,7 @@ def part_fused(config: str) -> dict:
             t = triton.testing.do_bench(lambda p=pos, h=x, m=md: layer(p, h, h, kv, m), warmup=5, rep=50,
                                         return_mode="median")
             out[f"prefill_8x1024_fused{fused}_us"] = 1e3 * t
-    os.environ["PAGEDLLM_FUSED_OPS"] = "1"
+    select_kernels(layer, "cuda", fused=True)
     with torch.inference_mode():
         for bs in (1, 256):  # where a decode layer's GPU time goes, kernel by kernel
             pos, x, md = _layer_inputs(bs, 1, 640, cfg.hidden_size)
