@@ -150,7 +150,7 @@ class Scheduler:
         """Stop scheduling a running request but keep its KV blocks (so others can fork from it)."""
         req = self.requests[request_id]
         if req.status != RequestStatus.RUNNING:
-            return  # preempted meanwhile: it will recompute when resumed
+            return  # preempted meanwhile (waiting, swapped or to recompute): nothing to pause
         self.running.remove(req)
         req.status = RequestStatus.PAUSED
         self.paused[request_id] = req
@@ -185,6 +185,7 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        """Spend one step's token budget: running requests first, then waiting ones; the diff for the runner."""
         plan = _StepPlan(self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted:  # a step that had to preempt admits nothing new
