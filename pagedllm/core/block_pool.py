@@ -161,3 +161,39 @@ class BlockPool:
             block.block_hash = None
         self.cached_blocks.clear()
         return True
+
+
+class CpuBlockPool:
+    """CPU blocks holding swapped-out requests' KV (ids into the runner's CPU cache), per request.
+
+    The free list is a BlockPool's, without prefix caching: a swapped-out block is only
+    ever read back by the request that wrote it. An empty pool (no swap space) has no
+    BlockPool behind it and never has room.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._pool = BlockPool(num_blocks, enable_caching=False) if num_blocks > 0 else None
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+
+    def get_num_free_blocks(self) -> int:
+        return self._pool.get_num_free_blocks() if self._pool is not None else 0
+
+    def allocate(self, request_id: str, num_blocks: int) -> list[int] | None:
+        """Give a request `num_blocks` (>= 1) CPU blocks; None (changing nothing) if too few are free."""
+        if not 0 < num_blocks <= self.get_num_free_blocks() or request_id in self.req_to_blocks:
+            return None
+        blocks = self._pool.get_new_blocks(num_blocks)
+        self.req_to_blocks[request_id] = blocks
+        return [b.block_id for b in blocks]
+
+    def free(self, request_id: str) -> list[int]:
+        """Release a request's CPU blocks (none if it holds none); returns their ids in order."""
+        blocks = self.req_to_blocks.pop(request_id, None)
+        if not blocks:
+            return []
+        self._pool.free_blocks(blocks)
+        return [b.block_id for b in blocks]
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.req_to_blocks

@@ -14,18 +14,20 @@ from pagedllm.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    WAITING = 0
-    RUNNING = 1
-    PAUSED = 2  # holds its blocks but is not scheduled (a beam waiting for its group)
-    PREEMPTED = 3
-    # Everything after PREEMPTED is finished.
-    FINISHED_STOPPED = 4
-    FINISHED_LENGTH_CAPPED = 5
-    FINISHED_ABORTED = 6
+    WAITING = 0  # queued, nothing computed (new, or a fork whose blocks were taken back)
+    FORKED = 1  # queued, its first tokens' KV already in GPU blocks shared with its source
+    SWAPPED = 2  # queued after preemption, its computed KV on the CPU
+    PREEMPTED = 3  # queued after preemption, to be recomputed
+    RUNNING = 4
+    PAUSED = 5  # holds its blocks but is not scheduled (a beam waiting for its group)
+    # Everything from FINISHED_STOPPED on is finished.
+    FINISHED_STOPPED = 6
+    FINISHED_LENGTH_CAPPED = 7
+    FINISHED_ABORTED = 8
 
     @staticmethod
     def is_finished(status: RequestStatus) -> bool:
-        return status > RequestStatus.PREEMPTED
+        return status >= RequestStatus.FINISHED_STOPPED
 
 
 _FINISH_REASONS = {

@@ -1,24 +1,41 @@
 """Scheduler: continuous batching with one token budget per step.
 
 Each step spends ``max_num_batched_tokens`` first on running requests (a decode
-costs 1 token, an unfinished prompt the rest of it), then on waiting ones. A
-prompt longer than what is left of the budget is prefilled in chunks over several
-steps. When the KV cache runs out of blocks the lowest-priority running request
-(FCFS: the newest) is preempted: its blocks are freed and it goes back to the
-front of the waiting queue, to be recomputed later (its prefix may still hit the
-prefix cache).
+costs 1 token, an unfinished prompt the rest of it; ``_schedule_running``), then on
+waiting ones (``_schedule_waiting``). A prompt longer than what is left of the
+budget is prefilled in chunks over several steps. When the KV cache runs out of
+blocks the policy's victim among running requests (FCFS: the newest; priority: the
+highest (priority, arrival)) is preempted: its KV is swapped to CPU blocks when
+``preemption_mode`` is "swap" and there is room, else its blocks are freed and it is
+recomputed later (its prefix may still hit the prefix cache). The policy is the
+waiting queue object (core/request_queue.py), chosen once at construction.
 
-    waiting ──schedule()──► running ──update_from_output()──► finished
-       ▲                        │
-       └──── preempted ◄────────┘  (out of blocks)
+Request states (RequestStatus) and where the scheduler moves a request between them:
+
+    add_request ─► WAITING ◄── blocks taken back ── FORKED ◄── fork_request, or a sample
+                      │      (_drop_waiting_forks)    │       released by its source
+                      ├◄──────────────────────────────┘       (KV shared with the source)
+       PREEMPTED ────►┤ admitted (_schedule_waiting)
+       (KV freed)     │
+       SWAPPED ──────►┤
+       (KV on CPU)    ▼
+          ▲        RUNNING ── update_from_output() ──► FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
+          │         │  └── pause_request ──► PAUSED (beam search: keeps its blocks, never resumes)
+          └─────────┘ preempted when out of blocks (_preempt): SWAPPED when preemption_mode
+                      is "swap" and the CPU pool has room, else PREEMPTED
+
+finish_requests (abort, stop string) takes a request from any state to FINISHED_*.
+WAITING, FORKED, SWAPPED and PREEMPTED requests sit in the waiting queue; forked and
+swapped ones resume from their KV (no prefix-cache lookup).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from pagedllm.config import CacheConfig, SchedulerConfig
+from pagedllm.core.block_pool import CpuBlockPool, KVCacheBlock
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.outputs import (
     CachedRequestData,
@@ -29,6 +46,21 @@ from pagedllm.core.outputs import (
     SchedulerStats,
 )
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import RequestQueue, make_request_queue
+
+# Waiting requests whose computed KV already exists (GPU blocks, or CPU blocks to swap in).
+_RESUMES_FROM_KV = (RequestStatus.FORKED, RequestStatus.SWAPPED)
+
+
+@dataclass
+class _StepPlan:
+    """What one schedule() call has decided so far: the budget left and the requests it took."""
+
+    budget: int
+    num_scheduled: dict[str, int] = field(default_factory=dict)
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
 
 
 class Scheduler:
@@ -38,7 +70,8 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.kv_cache_manager = KVCacheManager(num_blocks, self.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        # The scheduling policy: the waiting queue's order and the preemption victim choice.
+        self.waiting: RequestQueue = make_request_queue(config.policy)
         self.running: list[Request] = []
         self.paused: dict[str, Request] = {}
         # Requests the runner has state for; a preempted one is re-sent as resumed.
@@ -49,8 +82,8 @@ class Scheduler:
         self.fork_waiters: dict[str, list[Request]] = {}
         self._blocks_to_copy: list[tuple[int, int]] = []
         # Swap preemption: CPU blocks (ids into the runner's CPU cache) per swapped-out request.
-        self.free_cpu_blocks: list[int] = list(range(num_cpu_blocks))
-        self.swapped: dict[str, list[int]] = {}
+        self._swap_enabled = config.preemption_mode == "swap"
+        self.cpu_block_pool = CpuBlockPool(num_cpu_blocks)
         self._blocks_to_swap_out: list[tuple[int, int]] = []  # (gpu block, cpu block)
         self._blocks_to_swap_in: list[tuple[int, int]] = []  # (cpu block, gpu block)
 
@@ -67,7 +100,7 @@ class Scheduler:
         if source is not None and not source.is_finished() and source.prompt_token_ids == request.prompt_token_ids:
             self.fork_waiters.setdefault(source.request_id, []).append(request)
         else:
-            self._enqueue(request)
+            self.waiting.add(request)
 
     def _check_admissible(self, request: Request) -> None:
         if request.request_id in self.requests:
@@ -108,16 +141,16 @@ class Scheduler:
         if copies is None:
             return False
         self._blocks_to_copy.extend(copies)
-        child.num_computed_tokens = num_shared
+        self._mark_forked(child, num_shared)
         self.requests[child.request_id] = child
-        self._enqueue(child, front=True)
+        self.waiting.prepend(child)
         return True
 
     def pause_request(self, request_id: str) -> None:
         """Stop scheduling a running request but keep its KV blocks (so others can fork from it)."""
         req = self.requests[request_id]
         if req.status != RequestStatus.RUNNING:
-            return  # preempted meanwhile: it will recompute when resumed
+            return  # preempted meanwhile (waiting, swapped or to recompute): nothing to pause
         self.running.remove(req)
         req.status = RequestStatus.PAUSED
         self.paused[request_id] = req
@@ -134,102 +167,36 @@ class Scheduler:
             copies = None
             if not source.is_finished():
                 copies = self.kv_cache_manager.fork(source, child, child.num_prompt_tokens - 1)
-            if copies is not None:
-                self._blocks_to_copy.extend(copies)
-                child.num_computed_tokens = child.num_prompt_tokens - 1
-            self._enqueue(child, front=copies is not None)  # no copy possible: an ordinary prefill
+            if copies is None:  # no copy possible: an ordinary prefill
+                self.waiting.add(child)
+                continue
+            self._blocks_to_copy.extend(copies)
+            self._mark_forked(child, child.num_prompt_tokens - 1)
+            self.waiting.prepend(child)
         if not waiters:
             del self.fork_waiters[source.request_id]
 
-    def _enqueue(self, request: Request, front: bool = False) -> None:
-        if self.config.policy == "priority":
-            # Keep waiting sorted by (priority, arrival): lower values run first.
-            key = (request.priority, request.arrival_time)
-            idx = next((i for i, r in enumerate(self.waiting) if (r.priority, r.arrival_time) > key),
-                       len(self.waiting))
-            self.waiting.insert(idx, request)
-        elif front:
-            self.waiting.appendleft(request)
-        else:
-            self.waiting.append(request)
+    @staticmethod
+    def _mark_forked(child: Request, num_shared: int) -> None:
+        """A child given its source's KV for its first `num_shared` tokens resumes from it."""
+        child.num_computed_tokens = num_shared
+        # Sharing no token (a one-token prompt) leaves an ordinary prefill.
+        child.status = RequestStatus.FORKED if num_shared > 0 else RequestStatus.WAITING
 
     # ---- one step ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
-        preempted: set[str] = set()
-        scheduled_running: list[Request] = []
-
-        # 1. Running requests first (decodes and unfinished chunked prefills).
-        for req in list(self.running):
-            if budget <= 0:
-                break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            num_preempted = len(preempted)
-            new_blocks = self._allocate_or_preempt(req, num_new, preempted)
-            if len(preempted) > num_preempted:
-                # A victim that was already scheduled this step gives its tokens back.
-                for victim in [r for r in scheduled_running if r.request_id in preempted]:
-                    scheduled_running.remove(victim)
-                    budget += num_scheduled.pop(victim.request_id)
-                    cached_reqs = [c for c in cached_reqs if c.req_id != victim.request_id]
-            if new_blocks is None:  # req itself was preempted
-                continue
-            scheduled_running.append(req)
-            num_scheduled[req.request_id] = num_new
-            budget -= num_new
-            cached_reqs.append(self._cached_data(req, new_blocks))
-
-        # 2. Waiting requests, unless this step already had to preempt.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            forked = req.num_computed_tokens > 0  # forked or swapped out: no prefix lookup
-            if forked:  # its KV is in place (forked) or on the CPU (swapped)
-                hit_blocks, num_hit = [], req.num_computed_tokens
-            else:
-                hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit, budget)
-            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
-            if new_blocks is None:
-                # Nothing running will free a block: take back what waiting forks and paused
-                # beams hold (they recompute later; the prefix cache may still hit).
-                if self.running or not (self._drop_waiting_forks(keep=req) or self._release_paused()):
-                    break
-                continue
-            self.waiting.popleft()
-            if req.request_id in self.swapped:
-                cpu_blocks = self.swapped.pop(req.request_id)
-                self._blocks_to_swap_in.extend(zip(cpu_blocks, (b.block_id for b in new_blocks)))
-                self.free_cpu_blocks.extend(cpu_blocks)
-            req.num_computed_tokens = num_hit
-            if req.num_cached_tokens < 0:  # first admission
-                req.num_cached_tokens = num_hit
-                if not forked and self.kv_cache_manager.enable_caching and req.sampling_params.prompt_logprobs is None:
-                    self.kv_cache_manager.record_prefix_lookup(req.num_tokens, num_hit)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            num_scheduled[req.request_id] = num_new
-            budget -= num_new
-            if req.request_id in self._sent_to_runner:
-                cached_reqs.append(CachedRequestData(
-                    req.request_id, True, self.kv_cache_manager.get_block_ids(req.request_id), num_hit))
-            else:
-                self._sent_to_runner.add(req.request_id)
-                new_reqs.append(NewRequestData(
-                    req.request_id, req.prompt_token_ids, req.sampling_params,
-                    self.kv_cache_manager.get_block_ids(req.request_id), num_hit, list(req.output_token_ids)))
-
+        """Spend one step's token budget: running requests first, then waiting ones; the diff for the runner."""
+        plan = _StepPlan(self.config.max_num_batched_tokens)
+        self._schedule_running(plan)
+        if not plan.preempted:  # a step that had to preempt admits nothing new
+            self._schedule_waiting(plan)
         out = SchedulerOutput(
-            scheduled_new_reqs=new_reqs,
-            scheduled_cached_reqs=cached_reqs,
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            scheduled_new_reqs=plan.new_reqs,
+            scheduled_cached_reqs=plan.cached_reqs,
+            num_scheduled_tokens=plan.num_scheduled,
+            total_num_scheduled_tokens=sum(plan.num_scheduled.values()),
             finished_req_ids=self._finished_since_last_step,
-            preempted_req_ids=preempted,
+            preempted_req_ids=plan.preempted,
             blocks_to_copy=self._blocks_to_copy,
             blocks_to_swap_out=self._blocks_to_swap_out,
             blocks_to_swap_in=self._blocks_to_swap_in,
@@ -240,14 +207,95 @@ class Scheduler:
         self._blocks_to_swap_in = []
         return out
 
+    def _schedule_running(self, plan: _StepPlan) -> None:
+        """Decodes and unfinished chunked prefills, in admission order, preempting as blocks run out."""
+        # Locals, not plan attributes, in this loop: it runs once per running request per step.
+        budget = plan.budget
+        num_scheduled, cached_reqs, preempted = plan.num_scheduled, plan.cached_reqs, plan.preempted
+        scheduled_running: list[Request] = []
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_preempted = len(preempted)
+            new_blocks = self._allocate_or_preempt(req, num_new, preempted)
+            if len(preempted) > num_preempted:
+                budget += self._unschedule_preempted(plan, scheduled_running)
+            if new_blocks is None:  # req itself was preempted
+                continue
+            scheduled_running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(CachedRequestData(
+                req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens))
+        plan.budget = budget
+
+    @staticmethod
+    def _unschedule_preempted(plan: _StepPlan, scheduled_running: list[Request]) -> int:
+        """A victim that was already scheduled this step gives its tokens back; returns how many."""
+        num_returned = 0
+        for victim in [r for r in scheduled_running if r.request_id in plan.preempted]:
+            scheduled_running.remove(victim)
+            num_returned += plan.num_scheduled.pop(victim.request_id)
+        plan.cached_reqs[:] = [c for c in plan.cached_reqs if c.req_id not in plan.preempted]
+        return num_returned
+
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        """Admit waiting requests in the queue's order while budget, blocks and max_num_seqs allow."""
+        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.peek()
+            if req.status in _RESUMES_FROM_KV:  # its KV is in place (forked) or on the CPU (swapped)
+                hit_blocks, num_hit = [], req.num_computed_tokens
+            else:
+                hit_blocks, num_hit = self.kv_cache_manager.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, plan.budget)
+            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new, hit_blocks)
+            if new_blocks is None:
+                # Nothing running will free a block: take back what waiting forks and paused
+                # beams hold (they recompute later; the prefix cache may still hit).
+                if self.running or not (self._drop_waiting_forks(keep=req) or self._release_paused()):
+                    break
+                continue
+            self.waiting.pop()
+            self._admit(req, plan, num_hit, num_new, new_blocks)
+
+    def _admit(self, req: Request, plan: _StepPlan, num_hit: int, num_new: int,
+               new_blocks: list[KVCacheBlock]) -> None:
+        """Move a waiting request whose blocks are allocated into running, scheduled for `num_new` tokens."""
+        resumes_from_kv = req.status in _RESUMES_FROM_KV
+        if req.status == RequestStatus.SWAPPED:
+            cpu_blocks = self.cpu_block_pool.free(req.request_id)
+            self._blocks_to_swap_in.extend(zip(cpu_blocks, (b.block_id for b in new_blocks)))
+        req.num_computed_tokens = num_hit
+        if req.num_cached_tokens < 0:  # first admission
+            req.num_cached_tokens = num_hit
+            kv = self.kv_cache_manager
+            if not resumes_from_kv and kv.enable_caching and req.sampling_params.prompt_logprobs is None:
+                kv.record_prefix_lookup(req.num_tokens, num_hit)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        plan.num_scheduled[req.request_id] = num_new
+        plan.budget -= num_new
+        block_ids = self.kv_cache_manager.get_block_ids(req.request_id)
+        if req.request_id in self._sent_to_runner:
+            plan.cached_reqs.append(CachedRequestData(req.request_id, True, block_ids, num_hit))
+        else:
+            self._sent_to_runner.add(req.request_id)
+            plan.new_reqs.append(NewRequestData(
+                req.request_id, req.prompt_token_ids, req.sampling_params, block_ids, num_hit,
+                list(req.output_token_ids)))
+
     def _drop_waiting_forks(self, keep: Request) -> bool:
         """Turn waiting forked requests back into plain prefills (prefix caching may still hit)."""
         dropped = set()
         for r in self.waiting:
-            if r is not keep and r.num_computed_tokens > 0 and r.request_id not in self.swapped:
+            if r is not keep and r.status == RequestStatus.FORKED:
                 dropped.update(self.kv_cache_manager.get_block_ids(r.request_id))
                 self.kv_cache_manager.free(r)
                 r.num_computed_tokens = 0
+                r.status = RequestStatus.WAITING
         self._blocks_to_copy = [(s, d) for s, d in self._blocks_to_copy if d not in dropped]
         return bool(dropped)
 
@@ -261,18 +309,15 @@ class Scheduler:
                 released = True
         return released
 
-    def _cached_data(self, req: Request, new_blocks: list) -> CachedRequestData:
-        return CachedRequestData(req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens)
-
-    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: set[str]) -> list | None:
-        """Allocate blocks for `req`, preempting lower-priority running requests as needed.
+    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: set[str]) -> list[KVCacheBlock] | None:
+        """Allocate blocks for `req`, preempting the policy's victims among running requests as needed.
 
         Returns the new blocks, or None if `req` itself had to be preempted."""
         while True:
             new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
             if new_blocks is not None:
                 return new_blocks
-            victim = self._pick_victim()
+            victim = self.waiting.pick_victim(self.running)
             if victim is req and (self._drop_waiting_forks(keep=req) or self._release_paused()):
                 continue  # blocks held by requests that are not running came back: retry before preempting
             self._preempt(victim)
@@ -280,33 +325,29 @@ class Scheduler:
             if victim is req:
                 return None
 
-    def _pick_victim(self) -> Request:
-        if self.config.policy == "priority":
-            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
-        return self.running[-1]
-
     def _preempt(self, req: Request) -> None:
-        """Free a running request's blocks: swapped to the CPU (keeping its progress) when
-        preemption_mode is "swap" and the swap space has room, else recomputed later."""
+        """Free a running request's blocks: SWAPPED to the CPU (keeping its progress) when
+        preemption_mode is "swap" and the swap space has room, else PREEMPTED (recomputed later)."""
         self.running.remove(req)
         self.kv_cache_manager.uncache_uncomputed(req)
-        if not (self.config.preemption_mode == "swap" and self._swap_out(req)):
+        if self._swap_enabled and self._swap_out(req):
+            req.status = RequestStatus.SWAPPED
+        else:
             req.num_computed_tokens = 0
+            req.status = RequestStatus.PREEMPTED
         self.kv_cache_manager.free(req)
-        req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._enqueue(req, front=True)
+        self.waiting.prepend(req)
 
     def _swap_out(self, req: Request) -> bool:
-        """Plan copying the request's computed KV blocks to free CPU blocks."""
+        """Plan copying the request's computed KV blocks to free CPU blocks; False if there is no room."""
         num_blocks = -(-req.num_computed_tokens // self.block_size)
-        if num_blocks == 0 or num_blocks > len(self.free_cpu_blocks):
+        cpu_blocks = self.cpu_block_pool.allocate(req.request_id, num_blocks)
+        if cpu_blocks is None:
             return False
         gpu_blocks = self.kv_cache_manager.get_block_ids(req.request_id)[:num_blocks]
-        cpu_blocks = [self.free_cpu_blocks.pop() for _ in range(num_blocks)]
         self._blocks_to_swap_out.extend(zip(gpu_blocks, cpu_blocks))
-        self.swapped[req.request_id] = cpu_blocks
         return True
 
     # ---- results -----------------------------------------------------------
@@ -379,7 +420,7 @@ class Scheduler:
             self.running.remove(req)
         req.status = status
         self.kv_cache_manager.forget(req)
-        self.free_cpu_blocks.extend(self.swapped.pop(req.request_id, ()))
+        self.cpu_block_pool.free(req.request_id)
         self._sent_to_runner.discard(req.request_id)
         self._finished_since_last_step.add(req.request_id)
         self._release_fork_waiters(req)

@@ -2,13 +2,14 @@
 
 The fake runner behaves like the real one towards the scheduler: it keeps its own
 per-request state from the NewRequestData / CachedRequestData diffs, makes the
-copy-on-write block copies, writes each scheduled token into a simulated paged KV
-cache at its slot (block table lookup), then "attends" by reading every earlier
-position back through the block table and checking it holds the right token. So a
-wrong block table, a block handed to two requests at once, a missed copy, or a bad
-prefix-cache hit shows up as a failed assertion, not as silently wrong output. It
-samples only when a request's computed tokens reach its last token (a prompt chunk
-that ends mid-prompt samples nothing), and the sampled token is deterministic:
+copy-on-write block copies and the swaps to and from its CPU blocks, writes each
+scheduled token into a simulated paged KV cache at its slot (block table lookup),
+then "attends" by reading every earlier position back through the block table and
+checking it holds the right token. So a wrong block table, a block handed to two
+requests at once, a missed copy or swap, or a bad prefix-cache hit shows up as a
+failed assertion, not as silently wrong output. It samples only when a request's
+computed tokens reach its last token (a prompt chunk that ends mid-prompt samples
+nothing), and the sampled token is deterministic:
 ``(last_token + 1) % VOCAB``.
 
 ``Driver`` runs schedule() -> runner -> update_from_output() loops and checks the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, RequestUpdate, SchedulerOutput
-from pagedllm.core.request import Request
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.sampling_params import SamplingParams
 
@@ -39,12 +40,14 @@ def make_request(req_id: str, prompt: list[int], eos: int | None = None, priorit
 
 
 def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 64, max_model_len: int = 128,
-                   policy: str = "fcfs", caching: bool = True) -> Scheduler:
+                   policy: str = "fcfs", caching: bool = True, num_cpu_blocks: int = 0) -> Scheduler:
+    """A scheduler with tiny limits; `num_cpu_blocks` > 0 preempts by swapping to that many CPU blocks."""
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
-                        policy=policy),
+                        policy=policy, preemption_mode="swap" if num_cpu_blocks else "recompute"),
         CacheConfig(block_size=BS, enable_prefix_caching=caching),
         num_blocks=num_blocks,
+        num_cpu_blocks=num_cpu_blocks,
     )
 
 
@@ -70,6 +73,7 @@ class FakeRunner:
         self.scheduler = scheduler  # when given, block tables are cross-checked against the KV cache manager
         self.reqs: dict[str, _RunnerReq] = {}
         self.kv: dict[int, dict[int, int]] = {}  # block id -> {offset: token id}
+        self.cpu_kv: dict[int, dict[int, int]] = {}  # CPU block id -> {offset: token id}
 
     def _apply_diff(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -95,6 +99,10 @@ class FakeRunner:
         self._apply_diff(so)
         for src, dst in so.blocks_to_copy:  # copy-on-write of forked requests, before any write
             self.kv[dst] = dict(self.kv.get(src, {}))
+        for gpu, cpu in so.blocks_to_swap_out:  # then swaps, in the real runner's order
+            self.cpu_kv[cpu] = dict(self.kv.get(gpu, {}))
+        for cpu, gpu in so.blocks_to_swap_in:
+            self.kv[gpu] = dict(self.cpu_kv[cpu])
         assert set(so.num_scheduled_tokens) == (
             {r.req_id for r in so.scheduled_new_reqs} | {r.req_id for r in so.scheduled_cached_reqs})
         written: dict[int, str] = {}
@@ -183,6 +191,8 @@ class Driver:
         kv = sched.kv_cache_manager
         assert not sched.has_unfinished_requests() and sched.get_num_unfinished_requests() == 0
         assert not sched.waiting and not sched.running and not sched.fork_waiters
+        cpu = sched.cpu_block_pool
+        assert not cpu.req_to_blocks and cpu.get_num_free_blocks() == cpu.num_blocks
         assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
         assert len(kv.block_pool.free_block_queue.block_ids()) == kv.num_blocks
         assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
@@ -211,7 +221,12 @@ def check_block_accounting(sched: Scheduler) -> None:
         assert (b.ref_cnt == 0) == (b.block_id in free_ids)
     for h, b in pool.cached_blocks.items():
         assert b.block_hash == h
-    # Only running requests hold blocks, and forked ones waiting to run from the KV they were given.
+    # Only running requests hold blocks, and forked ones waiting to run from the KV they were given;
+    # only swapped ones hold CPU blocks, and a request waits with computed tokens only if it is either.
     holders = {r.request_id for r in sched.running}
-    holders |= {r.request_id for r in sched.waiting if r.num_computed_tokens > 0}
+    holders |= {r.request_id for r in sched.waiting if r.status == RequestStatus.FORKED}
     assert {rid for rid, blocks in kv.req_to_blocks.items() if blocks} <= holders
+    swapped = {r.request_id for r in sched.waiting if r.status == RequestStatus.SWAPPED}
+    assert set(sched.cpu_block_pool.req_to_blocks) == swapped
+    assert all(r.num_computed_tokens == 0 for r in sched.waiting
+               if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED))

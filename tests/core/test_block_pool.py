@@ -1,11 +1,13 @@
-"""BlockPool and FreeBlockQueue: O(1) free list, ref counts, LRU eviction of cached free blocks, the hash map."""
+"""BlockPool and FreeBlockQueue: O(1) free list, ref counts, LRU eviction of cached free blocks, the hash map.
+
+CpuBlockPool: swap space handed out per request on the same free list."""
 
 import random
 import time
 
 import pytest
 
-from pagedllm.core.block_pool import BlockPool, FreeBlockQueue, KVCacheBlock, hash_block_tokens
+from pagedllm.core.block_pool import BlockPool, CpuBlockPool, FreeBlockQueue, KVCacheBlock, hash_block_tokens
 
 
 def _ids(blocks):
@@ -258,3 +260,31 @@ def test_reset_prefix_cache():
     assert pool.reset_prefix_cache() is True
     assert not pool.cached_blocks and all(b.block_hash is None for b in pool.blocks)
     assert pool.free_block_queue.block_ids() == free_order and pool.get_num_free_blocks() == 3
+
+
+# ---- CpuBlockPool: swap space -------------------------------------------------------
+
+def test_cpu_pool_gives_each_request_its_own_blocks_and_takes_them_back():
+    pool = CpuBlockPool(5)
+    a = pool.allocate("a", 3)
+    b = pool.allocate("b", 2)
+    assert len(a) == 3 and len(b) == 2 and not set(a) & set(b)
+    assert pool.get_num_free_blocks() == 0 and "a" in pool and "c" not in pool
+    assert pool.allocate("c", 1) is None  # full: changes nothing
+    assert pool.free("a") == a and "a" not in pool  # ids back in the order they were given
+    assert pool.get_num_free_blocks() == 3
+    assert pool.free("a") == []  # freeing twice (or a request that never swapped) is a no-op
+    c = pool.allocate("c", 3)
+    assert sorted(c) == sorted(a)
+    pool.free("b")
+    pool.free("c")
+    assert pool.get_num_free_blocks() == 5 and not pool.req_to_blocks
+
+
+def test_cpu_pool_refuses_zero_blocks_a_second_allocation_and_an_empty_pool():
+    pool = CpuBlockPool(4)
+    assert pool.allocate("a", 0) is None
+    assert pool.allocate("a", 2) is not None and pool.allocate("a", 1) is None
+    assert pool.get_num_free_blocks() == 2
+    empty = CpuBlockPool(0)  # no swap space configured
+    assert empty.get_num_free_blocks() == 0 and empty.allocate("a", 1) is None and empty.free("a") == []

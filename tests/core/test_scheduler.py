@@ -170,11 +170,75 @@ def test_preempted_request_waits_at_the_front_of_other_waiting_requests():
         sched.add_request(make_request(rid, prompt, **kw))
     drv = Driver(sched)
     step_until_preemption(drv)
-    victim = sched.waiting[0]
+    victim = sched.waiting.peek()
     assert victim.request_id == "r1" and victim.status == RequestStatus.PREEMPTED
     assert victim.num_computed_tokens == 0 and victim.output_token_ids
     assert [r.request_id for r in sched.waiting][1:] == ["r2", "r3", "late"]
     assert drv.run() == {rid: expected_chain(p, kw["max_tokens"]) for rid, p, kw in specs}
+
+
+def test_swap_preemption_keeps_progress_on_the_cpu_and_resumes_from_it():
+    specs = _pressure_specs()
+    sched = make_scheduler(num_blocks=8, num_cpu_blocks=16)
+    for rid, prompt, kw in specs:
+        sched.add_request(make_request(rid, prompt, **kw))
+    drv = Driver(sched)
+    step_until_preemption(drv)
+    victim = sched.waiting.peek()
+    assert victim.status == RequestStatus.SWAPPED and victim.num_computed_tokens > 0
+    cpu_blocks = sched.cpu_block_pool.req_to_blocks
+    assert len(cpu_blocks[victim.request_id]) == -(-victim.num_computed_tokens // BS)
+    assert len(drv.steps[-1].blocks_to_swap_out) == sum(map(len, cpu_blocks.values()))  # every victim swapped
+    victim_cpu_ids = {b.block_id for b in cpu_blocks[victim.request_id]}
+    while victim.status != RequestStatus.RUNNING:
+        so = drv.step()  # the fake runner reads every resumed position back from the swapped-in blocks
+    assert {cpu for cpu, _ in so.blocks_to_swap_in} >= victim_cpu_ids
+    assert victim.request_id not in sched.cpu_block_pool
+    assert drv.run() == {rid: expected_chain(p, kw["max_tokens"]) for rid, p, kw in specs}
+
+
+def test_swap_falls_back_to_recompute_without_room_on_the_cpu():
+    sched = make_scheduler(num_blocks=8, num_cpu_blocks=1)  # too small for any victim's KV
+    specs = _pressure_specs()
+    for rid, prompt, kw in specs:
+        sched.add_request(make_request(rid, prompt, **kw))
+    drv = Driver(sched)
+    step_until_preemption(drv)
+    victim = sched.waiting.peek()
+    assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
+    assert not drv.steps[-1].blocks_to_swap_out
+    assert drv.run() == {rid: expected_chain(p, kw["max_tokens"]) for rid, p, kw in specs}
+
+
+def test_abort_of_a_swapped_request_frees_its_cpu_blocks():
+    sched = make_scheduler(num_blocks=8, num_cpu_blocks=16)
+    for rid, prompt, kw in _pressure_specs():
+        sched.add_request(make_request(rid, prompt, **kw))
+    drv = Driver(sched)
+    step_until_preemption(drv)
+    victim = sched.waiting.peek()
+    assert victim.status == RequestStatus.SWAPPED
+    cpu = sched.cpu_block_pool
+    num_free = cpu.get_num_free_blocks() + len(cpu.req_to_blocks[victim.request_id])
+    sched.finish_requests(victim.request_id, RequestStatus.FINISHED_ABORTED)
+    assert victim not in sched.waiting and victim.request_id not in cpu and cpu.get_num_free_blocks() == num_free
+    drv.run()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_random_workload_with_swap_matches_unpressured_run(policy, seed):
+    rng = random.Random(seed)
+    specs = [(f"r{i}", [rng.randrange(1000) for _ in range(rng.randint(1, 12))], {"max_tokens": rng.randint(1, 12)})
+             for i in range(16)]
+    reference = run_all(make_scheduler(num_blocks=256, budget=256, policy=policy), specs)
+    # Little swap space: some victims swap, others recompute.
+    sched = make_scheduler(num_blocks=10, budget=9, max_num_seqs=5, policy=policy, num_cpu_blocks=6)
+    drv = Driver(sched)
+    for rid, prompt, kw in specs:
+        sched.add_request(make_request(rid, prompt, priority=rng.randint(0, 2), **kw))
+    assert drv.run() == reference
+    assert any(so.blocks_to_swap_in for so in drv.steps) and sched.num_preemptions > 0
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -231,7 +295,7 @@ def test_priority_preempts_the_lowest_priority_running_request():
     so = drv.step()  # h1 needs a second block and none is free
     assert so.preempted_req_ids == {"low"}
     assert set(so.num_scheduled_tokens) == {"h1", "h2"}
-    assert sched.waiting[0] is reqs["low"] and reqs["low"].num_preemptions == 1
+    assert sched.waiting.peek() is reqs["low"] and reqs["low"].num_preemptions == 1
     assert drv.run() == {rid: expected_chain(p, 4) for rid, (p, _, _) in specs.items()}
 
 
@@ -368,7 +432,7 @@ def test_abort_of_waiting_and_preempted_requests():
     sched.add_request(make_request("never", [9], max_tokens=1))
     drv = Driver(sched)
     step_until_preemption(drv)
-    victim = sched.waiting[0]
+    victim = sched.waiting.peek()
     assert victim.status == RequestStatus.PREEMPTED
     done = sched.finish_requests([victim.request_id, "never"], RequestStatus.FINISHED_ABORTED)
     assert {r.request_id for r in done} == {victim.request_id, "never"}

@@ -150,10 +150,10 @@ def _assert_all_released(llm: LLM) -> None:
     kv = sched.kv_cache_manager
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
-    assert not sched.requests and not sched.swapped and not sched.paused and not sched.fork_waiters
+    assert not sched.requests and not sched.cpu_block_pool.req_to_blocks and not sched.paused and not sched.fork_waiters
     assert not sched.waiting and not sched.running
     swap = eng.executor.worker.model_runner.swap_space
-    assert len(sched.free_cpu_blocks) == (swap.cpu_caches[0].shape[0] if swap is not None else 0)
+    assert sched.cpu_block_pool.get_num_free_blocks() == (swap.cpu_caches[0].shape[0] if swap is not None else 0)
     assert not eng.requests and not eng.beam_search.groups and not eng.beam_search.beam_to_group
 
 

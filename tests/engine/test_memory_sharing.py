@@ -155,8 +155,9 @@ def test_swap_preemption_gives_identical_outputs() -> None:
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert sched.num_preemptions > 0 and swapped_out, "the small cache should force swapping"
     assert [o.outputs[0].token_ids for o in outs] == ref
-    assert _pool_empty(llm) and not sched.swapped
-    assert len(sched.free_cpu_blocks) == len(llm.engine.executor.worker.model_runner.swap_space.cpu_caches[0])
+    assert _pool_empty(llm) and not sched.cpu_block_pool.req_to_blocks
+    num_cpu_blocks = len(llm.engine.executor.worker.model_runner.swap_space.cpu_caches[0])
+    assert sched.cpu_block_pool.get_num_free_blocks() == num_cpu_blocks
 
 
 def test_priority_scheduling_runs_urgent_requests_first() -> None:
