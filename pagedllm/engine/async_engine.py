@@ -225,6 +225,8 @@ class AsyncEngine:
                 self._on_ended(message)
             case StatsSnapshot():
                 self._stats = message.stats
+            case _:
+                logger.error("unknown engine message %s", type(message).__name__)
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
