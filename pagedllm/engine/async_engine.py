@@ -1,38 +1,34 @@
-"""AsyncEngine: the asyncio face of ``LLMEngine``, used by the server.
+"""AsyncEngine: the asyncio front end of an ``LLMEngine``, used by the server.
 
-It owns the thread that steps the engine and the per-request queues that carry
-outputs back to the event loop:
+The engine itself runs in an ``EngineLoop`` (its own thread). The front end and
+the loop exchange only the plain messages of ``engine.messages``; the front end
+keeps every reply channel on its side, keyed by request id:
 
-    event loop (server coroutines)             engine thread ("pagedllm-engine")
-    ------------------------------             ---------------------------------
+    event loop (server coroutines)                 engine loop ("pagedllm-engine")
+    ------------------------------                 -------------------------------
     add_request()  tokenize in a worker thread
-                   _Command "add"  ─────────►  LLMEngine.add_request()   (ValueError goes back
-                   await its Future ◄───────                               through the Future)
-                                               while there is work:
-                                                   apply pending commands (add / abort)
-                                                   LLMEngine.step()  -> [RequestOutput]
-    RequestStream queues ◄─────────────────────    one call_soon_threadsafe per step and loop
+                   register stream + pending add
+                   AddRequest ───────────────────►  LLMEngine.add_request()
+                   await the pending add ◄──────── AddResult (ValueError -> the caller)
+                                                    while there is work:
+                                                        apply commands, LLMEngine.step()
+    RequestStream queues ◄──────────────────────── RequestOutputs (one call_soon_threadsafe
+                                                                    per step and event loop)
+    record listeners ◄──────────────────────────── RequestRecords (add, tokens, finish)
+    get_stats() ◄─────────────────────────────── StatsSnapshot
     consumer closes / is cancelled
-                   _Command "abort" ────────►  LLMEngine.abort_request()  (blocks freed before the
-                                                                           next step)
+                   AbortRequest ─────────────────►  LLMEngine.abort_request()
+    stream ends with an abort output ◄──────────── RequestsEnded
 
-Why a dedicated thread rather than an asyncio task that runs ``step()`` in an
-executor: the LLMEngine is not thread-safe, and a thread that owns it outright
-needs no lock around it (commands are applied between steps, in order); it also
-steps back to back without waiting for the event loop to schedule the next
-step, so a busy loop (many SSE writes) never slows generation. torch releases
-the GIL inside its kernels, so the event loop keeps serving HTTP while a step
-runs.
+A client cancelled while its add is still queued cannot hurt the loop: the
+pending add is an asyncio future resolved on its own event loop, only if nobody
+cancelled it, and the abort sent on cancellation follows the add.
 
 Outputs are cumulative (text and token ids so far), so a slow consumer only
 needs the newest one: a stream skips outputs that were overtaken before it read
-them. The engine thread hands the event loop a copy of each output, so the
-engine may keep appending to its own lists.
-
-The thread also records per-request timing (time to first token, inter-token
-latencies, end-to-end latency) and tells the registered ``StatsListener`` s
-(the server's Prometheus metrics), and keeps the latest ``EngineStats``
-snapshot for scrapes.
+them. Per-request latency metrics are built from the ``RequestRecord`` s by the
+server (``server/request_stats.py``), which registers with
+``add_record_listener``.
 """
 
 from __future__ import annotations
@@ -43,10 +39,22 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pagedllm.engine.engine_loop import EngineDeadError, EngineLoop, EngineStepError
+from pagedllm.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    AddResult,
+    EngineMessage,
+    RequestOutputs,
+    RequestRecord,
+    RequestRecords,
+    RequestsEnded,
+    Shutdown,
+    StatsSnapshot,
+)
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -54,58 +62,13 @@ if TYPE_CHECKING:
     from pagedllm.config import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
 
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineStepError", "RecordListener", "RequestStream"]
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
-class EngineDeadError(RuntimeError):
-    """The engine can no longer serve requests (its state could not be recovered after an error)."""
-
-
-class EngineStepError(RuntimeError):
-    """``LLMEngine.step()`` raised while this request was in flight; the request was aborted."""
-
-
-@dataclass
-class RequestTiming:
-    """Per-request timestamps (``time.monotonic``) and token counts, for latency metrics."""
-
-    request_id: str
-    arrival_time: float
-    num_prompt_tokens: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    finished_time: float | None = None
-    num_generation_tokens: int = 0  # summed over the request's n sequences
-    num_decode_steps: int = 0  # steps that produced tokens (sequences decode in lockstep)
-    inter_token_latencies: list[float] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-
-    @property
-    def time_to_first_token(self) -> float | None:
-        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
-
-    @property
-    def e2e_latency(self) -> float | None:
-        return None if self.finished_time is None else self.finished_time - self.arrival_time
-
-    @property
-    def time_per_output_token(self) -> float | None:
-        """Mean decode time per token after the first (None with fewer than two token steps)."""
-        if self.num_decode_steps < 2 or self.first_token_time is None or self.last_token_time is None:
-            return None
-        return (self.last_token_time - self.first_token_time) / (self.num_decode_steps - 1)
-
-
-class StatsListener(Protocol):
-    """Called on the engine thread; implementations must be thread-safe and quick."""
-
-    def on_first_token(self, timing: RequestTiming) -> None: ...
-
-    def on_inter_token(self, timing: RequestTiming) -> None:
-        """New tokens after the first: ``timing.inter_token_latencies[-1]`` is the latest gap."""
-
-    def on_request_finished(self, timing: RequestTiming) -> None: ...
+# Called with each batch of records, on the thread that receives the engine's messages; must be quick.
+RecordListener = Callable[[list[RequestRecord]], None]
 
 
 class RequestStream:
@@ -117,7 +80,7 @@ class RequestStream:
     """
 
     def __init__(self, engine: AsyncEngine, request_id: str, prompt: str | None,
-                 prompt_token_ids: list[int], timing: RequestTiming) -> None:
+                 prompt_token_ids: list[int]) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -125,9 +88,7 @@ class RequestStream:
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._done = False
-        # Engine-thread side: the latest output and the timing record.
-        self.timing = timing
-        self.last_output: RequestOutput | None = None
+        self.last_output: RequestOutput | None = None  # set where the engine's messages arrive
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -153,31 +114,28 @@ class RequestStream:
         """Abort the request unless it already finished; safe to call twice, from the event loop."""
         if not self._done:
             self._done = True
-            self._engine._enqueue(lambda: self._engine._abort_now(self.request_id))
+            self._engine._loop.send(AbortRequest([self.request_id]))
 
     def _put(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
 
 
 class AsyncEngine:
-    """Runs an ``LLMEngine`` on its own thread and streams outputs to asyncio consumers."""
+    """Runs an ``LLMEngine`` in an ``EngineLoop`` and streams its outputs to asyncio consumers."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
-        self._cond = threading.Condition()
-        self._commands: list[Callable[[], None]] = []  # guarded by _cond
-        self._stopped = False
-        self._dead: BaseException | None = None
-        # Owned by the engine thread: request id -> stream of every request added and not finished.
-        self._streams: dict[str, RequestStream] = {}
-        self._listeners: list[StatsListener] = []
+        # Reply channels, keyed by request id; written from event loops, read where messages arrive.
+        self._lock = threading.Lock()
+        self._streams: dict[str, RequestStream] = {}  # added (or being added) and not ended
+        self._pending_adds: dict[str, asyncio.Future[None]] = {}
+        self._record_listeners: list[RecordListener] = []
         self._stats: Any = None  # latest EngineStats snapshot (replaced whole, read from any thread)
         # One tokenizer thread: HF fast tokenizers are not safe to call from many threads at once.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer")
-        self._thread = threading.Thread(target=self._run_loop, name="pagedllm-engine", daemon=True)
-        self._thread.start()
+        self._loop = EngineLoop(engine, self._on_message)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
@@ -203,18 +161,22 @@ class AsyncEngine:
         Raises ``ValueError`` for input the engine rejects, before any output exists.
         """
         self.check_health()
-        timing = RequestTiming(request_id, arrival_time=time.monotonic())
+        arrival_time = time.monotonic()
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
             prompt_token_ids = await self.run_in_tokenizer_thread(self.engine.tokenize, prompt)
         else:
             prompt_text, prompt_token_ids = None, list(prompt)
-        timing.num_prompt_tokens = len(prompt_token_ids)
-        stream = RequestStream(self, request_id, prompt_text, prompt_token_ids, timing)
-        accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._enqueue(lambda: self._add_now(stream, params, priority, accepted))
+        stream = RequestStream(self, request_id, prompt_text, prompt_token_ids)
+        accepted: asyncio.Future[None] = stream.loop.create_future()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._pending_adds[request_id] = accepted
+        self._loop.send(AddRequest(request_id, prompt_token_ids, params, priority, arrival_time))
         try:
-            await asyncio.wrap_future(accepted)
+            await accepted
         except asyncio.CancelledError:
             stream.abort()  # the add may still happen; the abort command runs after it
             raise
@@ -222,15 +184,16 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with a ``finish_reason="abort"`` output."""
-        self._enqueue(lambda: self._abort_now(request_id))
+        self._loop.send(AbortRequest([request_id]))
 
     async def run_in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work (encode, chat templates, decode of long texts) off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 
-    def add_stats_listener(self, listener: StatsListener) -> None:
-        self._listeners.append(listener)
+    def add_record_listener(self, listener: RecordListener) -> None:
+        """Receive every batch of ``RequestRecord`` s (adds, tokens, finishes), for latency metrics."""
+        self._record_listeners.append(listener)
 
     def get_stats(self) -> Any:
         """The ``EngineStats`` taken after the latest step (None before the first one)."""
@@ -238,178 +201,81 @@ class AsyncEngine:
 
     @property
     def is_dead(self) -> bool:
-        return self._dead is not None or not self._thread.is_alive()
+        return self._loop.dead is not None or not self._loop.is_alive()
 
     def check_health(self) -> None:
         if self.is_dead:
-            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+            raise EngineDeadError(f"the engine stopped: {self._loop.dead!r}")
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout)
+        self._loop.send(Shutdown())
+        self._loop.join(timeout)
         self._tokenizer_pool.shutdown(wait=False)
 
-    # ---- engine thread -------------------------------------------------------
-    def _enqueue(self, command: Callable[[], None]) -> None:
-        with self._cond:
-            self._commands.append(command)
-            self._cond.notify()
+    # ---- messages from the engine (the engine loop's thread) -------------------------------
+    def _on_message(self, message: EngineMessage) -> None:
+        match message:
+            case RequestOutputs():
+                self._on_outputs(message.outputs)
+            case RequestRecords():
+                self._notify(message.records)
+            case AddResult():
+                self._on_add_result(message)
+            case RequestsEnded():
+                self._on_ended(message)
+            case StatsSnapshot():
+                self._stats = message.stats
+            case _:
+                logger.error("unknown engine message %s", type(message).__name__)
 
-    def _run_loop(self) -> None:
-        try:
-            while self._run_once():
-                pass
-            error: BaseException = EngineDeadError("the engine was shut down")
-        except BaseException as e:  # a bug here must not leave requests hanging
-            logger.exception("the engine loop crashed")
-            error = EngineDeadError(f"the engine loop crashed: {e!r}")
-        self._fail_all(error)
-        self._dead = self._dead or error
-        with self._cond:  # commands that raced the exit: adds fail fast now that the engine is dead
-            commands, self._commands = self._commands, []
-        for command in commands:
-            command()
-
-    def _run_once(self) -> bool:
-        """Wait for work, apply pending commands, step once. False once shut down."""
-        has_work = self._engine_has_work()
-        with self._cond:
-            while not (self._commands or has_work or self._stopped):
-                self._cond.wait()
-            if self._stopped:
-                return False
-            commands, self._commands = self._commands, []
-        for command in commands:
-            command()
-        if self._engine_has_work():
-            self._step()
-        self._refresh_stats()
-        return True
-
-    def _engine_has_work(self) -> bool:
-        try:
-            return self._dead is None and self.engine.has_unfinished_requests()
-        except Exception as e:  # a broken engine must not kill the loop silently
-            self._mark_dead(e)
-            return False
-
-    def _add_now(self, stream: RequestStream, params: SamplingParams, priority: int,
-                 accepted: concurrent.futures.Future[None]) -> None:
-        if self._dead is not None:
-            accepted.set_exception(EngineDeadError(f"the engine stopped: {self._dead!r}"))
-            return
-        try:
-            self.engine.add_request(stream.request_id, stream.prompt_token_ids, params, priority=priority)
-        except Exception as e:  # ValueError is a 400; anything else goes to the caller too
-            accepted.set_exception(e)
-            return
-        self._streams[stream.request_id] = stream
-        accepted.set_result(None)
-
-    def _abort_now(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        try:
-            self.engine.abort_request(request_id)
-        except Exception as e:
-            logger.exception("abort_request(%s) failed", request_id)
-            self._mark_dead(e)
-        if stream is not None:
-            self._finish(stream, _aborted_output(stream), time.monotonic(), "abort")
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # report to the requests, keep serving
-            logger.exception("engine step failed; aborting the %d requests in flight", len(self._streams))
-            self._fail_all(EngineStepError(f"the engine failed while running this request: {e!r}"))
-            return
-        now = time.monotonic()
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         deliveries: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:  # aborted while the step ran
-                continue
-            output = _snapshot(output, stream.prompt)
-            self._record_tokens(stream, output, now)
-            if output.finished:
-                del self._streams[stream.request_id]
-                self._record_finished(stream, now, output.outputs[0].finish_reason if output.outputs else None)
-            deliveries.setdefault(stream.loop, []).append((stream, output))
+        with self._lock:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                if output.finished:
+                    del self._streams[output.request_id]
+                if output.prompt is None:  # the engine got token ids; the client may have sent text
+                    output.prompt = stream.prompt
+                stream.last_output = output
+                deliveries.setdefault(stream.loop, []).append((stream, output))
         for loop, items in deliveries.items():
             _deliver(loop, items)
 
-    def _fail_all(self, error: BaseException) -> None:
-        """Fail every request in flight with ``error`` and abort them in the engine."""
-        streams, self._streams = list(self._streams.values()), {}
-        if not streams:
-            return
-        try:
-            if self._dead is None:
-                self.engine.abort_request([s.request_id for s in streams])
-        except Exception as e:  # cannot free the blocks: stop taking requests
-            logger.exception("could not abort requests after an engine error")
-            self._mark_dead(e)
-        now = time.monotonic()
+    def _on_add_result(self, result: AddResult) -> None:
+        with self._lock:
+            accepted = self._pending_adds.pop(result.request_id, None)
+            stream = self._streams.pop(result.request_id, None) if result.error is not None else None
+        if accepted is not None:
+            _call_soon(accepted.get_loop(), _resolve, accepted, result.error)
+        elif stream is not None:  # failed after it was accepted: the stream gets the error
+            _deliver(stream.loop, [(stream, result.error)])
+
+    def _on_ended(self, ended: RequestsEnded) -> None:
+        with self._lock:
+            streams = [s for s in (self._streams.pop(rid, None) for rid in ended.request_ids) if s is not None]
         for stream in streams:
-            self._finish(stream, error, now, "error")
+            item = ended.error if ended.error is not None else _aborted_output(stream)
+            _deliver(stream.loop, [(stream, item)])
 
-    def _finish(self, stream: RequestStream, item: RequestOutput | BaseException, now: float,
-                reason: str) -> None:
-        self._record_finished(stream, now, reason)
-        _deliver(stream.loop, [(stream, item)])
-
-    def _mark_dead(self, error: BaseException) -> None:
-        if self._dead is None:
-            logger.error("the engine is dead: %r", error)
-            self._dead = error
-
-    def _record_tokens(self, stream: RequestStream, output: RequestOutput, now: float) -> None:
-        timing = stream.timing
-        stream.last_output = output
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        if num_tokens <= timing.num_generation_tokens:
-            return
-        timing.num_generation_tokens = num_tokens
-        timing.num_decode_steps += 1
-        if timing.first_token_time is None:
-            timing.first_token_time = now
-            self._notify("on_first_token", timing)
-        else:
-            timing.inter_token_latencies.append(now - timing.last_token_time)
-            self._notify("on_inter_token", timing)
-        timing.last_token_time = now
-
-    def _record_finished(self, stream: RequestStream, now: float, reason: str | None) -> None:
-        stream.timing.finished_time = now
-        stream.timing.finish_reason = reason
-        self._notify("on_request_finished", stream.timing)
-
-    def _notify(self, method: str, timing: RequestTiming) -> None:
-        for listener in self._listeners:
+    def _notify(self, records: list[RequestRecord]) -> None:
+        for listener in self._record_listeners:
             try:
-                getattr(listener, method)(timing)
+                listener(records)
             except Exception:  # metrics must never break generation
-                logger.exception("stats listener %s.%s failed", type(listener).__name__, method)
-
-    def _refresh_stats(self) -> None:
-        if self._dead is not None:
-            return
-        try:
-            self._stats = self.engine.get_stats()
-        except Exception:
-            logger.exception("get_stats failed")
+                logger.exception("record listener %r failed", listener)
 
 
-def _snapshot(output: RequestOutput, prompt: str | None) -> RequestOutput:
-    """A copy the event loop can read while the engine keeps appending to its own lists."""
-    outputs = [
-        dataclasses.replace(c, token_ids=list(c.token_ids),
-                            logprobs=None if c.logprobs is None else list(c.logprobs))
-        for c in output.outputs
-    ]
-    return dataclasses.replace(output, outputs=outputs, prompt=output.prompt if output.prompt is not None else prompt)
+def _resolve(accepted: asyncio.Future[None], error: BaseException | None) -> None:
+    """On the add's event loop: answer it unless its caller gave up (cancelled) meanwhile."""
+    if accepted.done():
+        return
+    if error is None:
+        accepted.set_result(None)
+    else:
+        accepted.set_exception(error)
 
 
 def _aborted_output(stream: RequestStream) -> RequestOutput:
@@ -420,16 +286,18 @@ def _aborted_output(stream: RequestStream) -> RequestOutput:
     return dataclasses.replace(last, outputs=outputs, finished=True)
 
 
-def _deliver(loop: asyncio.AbstractEventLoop,
-             items: Iterable[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
     """Hand a batch of items to ``loop`` in one thread-safe call."""
-    items = list(items)
 
     def put_all() -> None:
         for stream, item in items:
             stream._put(item)
 
+    _call_soon(loop, put_all)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
     try:
-        loop.call_soon_threadsafe(put_all)
+        loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the loop is closed: nobody is listening any more
         pass

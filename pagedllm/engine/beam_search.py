@@ -15,20 +15,34 @@ Scoring follows HF `generate(num_beams=...)`: cumulative log-probabilities of th
 raw distribution; a finished hypothesis scores sum_logprobs / gen_len**length_penalty;
 with early stopping off (HF's default) the search ends once every beam slot is
 finished and the best running beam cannot beat the worst finished one.
+
+The manager sees the scheduler only through ``BeamScheduler`` (add, fork, finish,
+free), and the rest of the engine not at all: it is given the end-of-sequence ids
+and a function that turns a finished beam's token ids into text.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pagedllm.core.outputs import RequestUpdate
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
-if TYPE_CHECKING:
-    from pagedllm.engine.llm_engine import LLMEngine
+
+class BeamScheduler(Protocol):
+    """The scheduler calls beam search makes (``core.scheduler.Scheduler`` implements them)."""
+
+    def add_request(self, request: Request, fork_from: str | None = None) -> None: ...
+
+    def fork_request(self, parent_id: str, child: Request) -> bool: ...
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> object: ...
+
+    def free_finished(self, request_id: str) -> None: ...
 
 
 @dataclass
@@ -65,22 +79,23 @@ class _Group:
 
 
 class BeamSearchManager:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    """Beam search groups over a ``BeamScheduler``; ``decode`` renders a finished beam's text (None: no text)."""
+
+    def __init__(self, scheduler: BeamScheduler, eos_ids: Iterable[int],
+                 decode: Callable[[list[int]], str | None]) -> None:
+        self.scheduler = scheduler
+        self.eos_ids = set(eos_ids)
+        self.decode = decode
         self.groups: dict[str, _Group] = {}
         self.beam_to_group: dict[str, str] = {}
         self._ids = itertools.count()
-        eos = set(engine.extra_eos_ids)
-        if engine.eos_token_id is not None:
-            eos.add(engine.eos_token_id)
-        self.eos_ids = eos
 
     def add(self, group_id: str, prompt_ids: list[int], params: BeamSearchParams) -> None:
         if group_id in self.groups:
             raise ValueError(f"request_id {group_id!r} is already in use")
         group = _Group(group_id, list(prompt_ids), params, running=[])
         beam = self._start_beam(group, [], 0.0)
-        self.engine.scheduler.add_request(self._request(beam, group))
+        self.scheduler.add_request(self._request(beam, group))
         self.groups[group_id] = group
 
     def _num_candidates(self, params: BeamSearchParams) -> int:
@@ -103,10 +118,17 @@ class BeamSearchManager:
     def owns(self, req_id: str) -> bool:
         return req_id in self.beam_to_group
 
-    def on_update(self, upd: RequestUpdate) -> None:
-        group = self.groups[self.beam_to_group[upd.req_id]]
+    def has_unfinished_groups(self) -> bool:
+        return any(g.output is None for g in self.groups.values())
+
+    def on_update(self, upd: RequestUpdate) -> bool:
+        """Take a beam's update; False if the update is not a beam's (it belongs to a user request)."""
+        group_id = self.beam_to_group.get(upd.req_id)
+        if group_id is None:
+            return False
         if upd.new_token_ids:
-            group.pending[upd.req_id] = upd
+            self.groups[group_id].pending[upd.req_id] = upd
+        return True
 
     def advance(self) -> list[str]:
         """Step every group whose beams have all reported; returns ids of groups that finished."""
@@ -159,23 +181,20 @@ class BeamSearchManager:
     def _fork(self, group: _Group, parent: _Beam, token: int, score: float) -> None:
         child = self._start_beam(group, parent.tokens + [token], score)
         req = self._request(child, group)
-        sched = self.engine.scheduler
-        if not sched.fork_request(parent.req_id, req):
-            sched.add_request(req)  # no block free for the copy: recompute (prefix cache may help)
+        if not self.scheduler.fork_request(parent.req_id, req):
+            self.scheduler.add_request(req)  # no block free for the copy: recompute (prefix cache may help)
 
     def _drop(self, beams: list[_Beam]) -> None:
-        sched = self.engine.scheduler
         ids = [b.req_id for b in beams]
-        sched.finish_requests(ids, RequestStatus.FINISHED_STOPPED)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_STOPPED)
         for rid in ids:
-            sched.free_finished(rid)
+            self.scheduler.free_finished(rid)
             self.beam_to_group.pop(rid, None)
 
     def _finish(self, group: _Group) -> None:
-        tok = self.engine.tokenizer
         seqs = []
         for score, tokens, cum in group.finished:
-            text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
+            text = self.decode(tokens)
             reason = "stop" if tokens and tokens[-1] in self.eos_ids and not group.params.ignore_eos else "length"
             seqs.append(BeamSearchSequence(group.prompt_ids + tokens, cum, score, text, reason))
         group.output = BeamSearchOutput(seqs)

@@ -5,8 +5,9 @@ So an existing vLLM dashboard needs only the prefix changed. Two sources:
   preemption and prefix-cache counters) is read from the AsyncEngine's latest
   ``EngineStats`` snapshot at scrape time, by a custom collector;
 - per-request latencies (TTFT, inter-token, per output token, end to end) and
-  finished-request counts are observed as requests progress, through the
-  AsyncEngine's ``StatsListener`` hooks (called on the engine thread;
+  finished-request counts are observed as requests progress: the AsyncEngine's
+  records go through a ``RequestStatsTracker`` (server/request_stats.py), which
+  calls this module's ``StatsListener`` hooks (on the engine thread;
   prometheus_client is thread-safe).
 Every app gets its own ``CollectorRegistry``, so tests can build several.
 """
@@ -19,7 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pagedllm.engine.async_engine import AsyncEngine, RequestTiming
+from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.server.request_stats import RequestStatsTracker, RequestTiming
 
 PREFIX = "pagedllm:"
 
@@ -67,7 +69,7 @@ class _EngineStatsCollector(Collector):
 
 
 class ServerMetrics:
-    """The app's Prometheus registry; registered with the AsyncEngine as a ``StatsListener``."""
+    """The app's Prometheus registry; a ``StatsListener`` of the ``RequestStatsTracker`` it registers."""
 
     def __init__(self, engine: AsyncEngine, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -93,7 +95,8 @@ class ServerMetrics:
                                            "Number of generation tokens processed, per request.", TOKEN_BUCKETS)
         self.success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                ["model_name", "finished_reason"], registry=self.registry)
-        engine.add_stats_listener(self)
+        self.tracker = RequestStatsTracker([self])
+        engine.add_record_listener(self.tracker.on_records)
 
     # ---- StatsListener (engine thread) -------------------------------------------
     def on_first_token(self, timing: RequestTiming) -> None:

@@ -1,4 +1,4 @@
-"""AsyncEngine over a toy engine: streaming, concurrency, abort on disconnect, errors, timing."""
+"""AsyncEngine over a toy engine: streaming, concurrency, abort on disconnect, errors, timing, messages."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from pagedllm.engine.async_engine import AsyncEngine, EngineStepError, RequestTiming
+from pagedllm.engine.async_engine import AsyncEngine, EngineStepError
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.request_stats import RequestStatsTracker, RequestTiming
 from tests.server.toy_engine import ToyEngine, expected_text
 
 
@@ -29,6 +30,11 @@ class Recorder:
 
     def on_request_finished(self, timing: RequestTiming) -> None:
         self.finished.append(timing)
+
+
+def _listen(async_engine: AsyncEngine, recorder: Recorder) -> None:
+    """What the server's metrics do: records -> RequestStatsTracker -> StatsListener."""
+    async_engine.add_record_listener(RequestStatsTracker([recorder]).on_records)
 
 
 @pytest.fixture
@@ -109,7 +115,7 @@ def test_rejected_request_raises_value_error_and_engine_keeps_serving(toy):
 def test_closing_the_generator_aborts_the_request(toy):
     engine, async_engine = toy
     recorder = Recorder()
-    async_engine.add_stats_listener(recorder)
+    _listen(async_engine, recorder)
 
     async def run():
         agen = async_engine.generate("a", SamplingParams(max_tokens=50), "leaver")
@@ -178,7 +184,7 @@ def test_step_error_fails_requests_in_flight_and_later_requests_succeed(toy):
 def test_timing_is_recorded_for_metrics(toy):
     _, async_engine = toy
     recorder = Recorder()
-    async_engine.add_stats_listener(recorder)
+    _listen(async_engine, recorder)
     asyncio.run(_collect(async_engine, "abc", SamplingParams(max_tokens=6, n=2), "timed"))
     _wait_until(lambda: recorder.finished)
     (timing,) = recorder.finished
@@ -205,3 +211,55 @@ def test_shutdown_fails_requests_and_rejects_new_ones():
 
     asyncio.run(run())
     assert async_engine.is_dead
+
+
+
+def test_client_cancelled_while_its_add_is_queued_does_not_kill_the_engine(toy):
+    """Issue 11 point 1: the add is applied after its caller gave up; the loop must survive it."""
+    engine, async_engine = toy
+    gate = threading.Event()
+    engine.step_gate = gate
+
+    async def run():
+        busy = asyncio.create_task(_collect(async_engine, "a", SamplingParams(max_tokens=3), "busy"))
+        await asyncio.to_thread(engine.step_entered.wait, 5)  # the engine thread is now blocked in step()
+        late = asyncio.create_task(async_engine.add_request("late", "b", SamplingParams(max_tokens=3)))
+        while not async_engine._loop._commands:  # its AddRequest waits behind the step
+            await asyncio.sleep(0.001)
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        gate.set()  # the step ends; the loop then applies the add nobody waits for, and its abort
+        return await busy, await _collect(async_engine, "x", SamplingParams(max_tokens=2), "after")
+
+    busy, after = asyncio.run(run())
+    assert busy[-1].outputs[0].text == "bcd" and after[-1].outputs[0].text == "yz"
+    assert not async_engine.is_dead
+    _wait_until(lambda: "late" in engine.aborted)
+    assert not engine.requests
+
+
+def test_an_add_that_raises_fails_that_request_alone(toy):
+    engine, async_engine = toy
+    engine.fail_add_ids.add("bad")
+
+    async def run():
+        with pytest.raises(RuntimeError, match="cannot add bad"):
+            await async_engine.add_request("bad", "a", SamplingParams(max_tokens=2))
+        return await _collect(async_engine, "a", SamplingParams(max_tokens=2), "good")
+
+    assert asyncio.run(run())[-1].outputs[0].text == "bc"
+    assert not async_engine.is_dead
+
+
+def test_a_request_id_in_flight_cannot_be_added_twice(toy):
+    engine, async_engine = toy
+    engine.step_delay = 0.01
+
+    async def run():
+        stream = await async_engine.add_request("dup", "a", SamplingParams(max_tokens=5))
+        with pytest.raises(ValueError, match="request_id"):
+            await async_engine.add_request("dup", "x", SamplingParams(max_tokens=5))
+        return [out async for out in stream]
+
+    assert asyncio.run(run())[-1].outputs[0].text == "bcdef"

@@ -65,6 +65,9 @@ class ToyEngine:
         self.model_config = SimpleNamespace(model="toy", max_model_len=max_model_len, hf_config=None)
         self.step_delay = step_delay
         self.fail_next_steps = 0
+        self.step_gate: threading.Event | None = None  # if given, each step waits until it is set
+        self.step_entered = threading.Event()  # set when a step starts
+        self.fail_add_ids: set[str] = set()  # add_request raises RuntimeError (not a ValueError) for these
         self.requests: dict[str, _Req] = {}
         self.aborted: list[str] = []
         self.num_prompt_tokens = self.num_generation_tokens = 0
@@ -76,6 +79,8 @@ class ToyEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, priority: int = 0) -> None:
         self.thread_ids.add(threading.get_ident())
+        if request_id in self.fail_add_ids:
+            raise RuntimeError(f"toy engine cannot add {request_id}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("prompt must not be empty")
@@ -92,6 +97,9 @@ class ToyEngine:
 
     def step(self) -> list[RequestOutput]:
         self.thread_ids.add(threading.get_ident())
+        self.step_entered.set()
+        if self.step_gate is not None:
+            self.step_gate.wait()
         time.sleep(self.step_delay)
         if self.fail_next_steps:
             self.fail_next_steps -= 1

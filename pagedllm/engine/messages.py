@@ -1,0 +1,96 @@
+"""Messages between the AsyncEngine front end (event loop) and the engine loop: plain picklable data.
+
+    front end ── AddRequest / AbortRequest / Shutdown ──────────────────────►  engine loop
+              ◄── AddResult / RequestOutputs / RequestsEnded / RequestRecords / StatsSnapshot ──
+
+Nothing here holds a future, a queue, an event loop or a callable: the front end
+keeps its reply channels (pending adds, per-request streams) on its own side,
+keyed by request id. So the engine loop can later move to its own process with
+these messages on the wire unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+# ---- front end -> engine ------------------------------------------------------------
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: float = 0.0  # time.monotonic() when the front end received it, for latency metrics
+
+
+@dataclass
+class AbortRequest:
+    request_ids: list[str]
+
+
+@dataclass
+class Shutdown:
+    """Stop the engine loop; requests in flight fail, later commands are refused."""
+
+
+EngineCommand = AddRequest | AbortRequest | Shutdown
+
+# ---- engine -> front end ------------------------------------------------------------
+
+
+@dataclass
+class AddResult:
+    """The answer to one ``AddRequest``: accepted (error None) or rejected (a ValueError is a 400)."""
+
+    request_id: str
+    error: BaseException | None = None
+
+
+@dataclass
+class RequestOutputs:
+    """One step's outputs: copies, so the engine may keep appending to its own lists."""
+
+    outputs: list[RequestOutput]
+
+
+@dataclass
+class RequestsEnded:
+    """Requests the engine dropped: aborted (error None) or failed with ``error``."""
+
+    request_ids: list[str]
+    error: BaseException | None = None
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one request at one time, for latency metrics (times are ``time.monotonic``).
+
+    A request's first record is its add (``num_prompt_tokens`` set, ``time`` its
+    arrival); then one per step that gave it tokens; the last has ``finished``.
+    """
+
+    request_id: str
+    time: float
+    num_new_tokens: int = 0  # summed over the request's n sequences
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int | None = None
+
+
+@dataclass
+class RequestRecords:
+    records: list[RequestRecord] = field(default_factory=list)
+
+
+@dataclass
+class StatsSnapshot:
+    stats: Any  # the engine's EngineStats after the latest pass of its loop
+
+
+EngineMessage = AddResult | RequestOutputs | RequestsEnded | RequestRecords | StatsSnapshot
