@@ -18,10 +18,11 @@ import torch
 from pagedllm.attention.backend import get_backend
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from pagedllm.models.layers.sampler import Sampler, SamplingMetadata
+from pagedllm.models.layers.sampler import Sampler
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
 from pagedllm.worker.input_batch import CachedRequestState, FlatBatch, InputBuffers, build_flat_batch, update_states
 from pagedllm.worker.kv_swap import SwapSpace
+from pagedllm.worker.sampling_metadata import SamplingMetadata
 
 logger = logging.getLogger(__name__)
 
