@@ -181,7 +181,7 @@ class SamplingState:
             values = getattr(self, name)[rows]
             if off(values[random]).any():
                 setattr(md, name, _to_device(values, device))
-        max_logprobs = int(self.num_logprobs[rows].max())
+        max_logprobs = int(self.num_logprobs[rows].max(initial=-1))
         md.max_num_logprobs = max_logprobs if max_logprobs >= 0 else None
         if self.generators:
             # Several entries of ``rows`` may share a row (several tokens): each draws in turn.
