@@ -108,7 +108,8 @@ class InputBatch:
                 self.remove_request(req_id)
         for req_id in sched.preempted_req_ids:
             if req_id in self.req_id_to_row:
-                self.preempted[req_id] = self.remove_request(req_id)
+                self.preempted[req_id] = self._cached_state(req_id)
+                self.remove_request(req_id)
         for new in sched.scheduled_new_reqs:
             self.add_request(new)
         for cached in sched.scheduled_cached_reqs:
@@ -126,7 +127,8 @@ class InputBatch:
             self.num_blocks[row] = 0  # the whole table is sent again
         else:
             row = self.req_id_to_row[cached.req_id]
-        self._append_blocks(row, cached.new_block_ids)
+        if cached.new_block_ids:
+            self._append_blocks(row, cached.new_block_ids)
         self.num_computed_tokens[row] = cached.num_computed_tokens
 
     def add_request(self, new: NewRequestData, generator: torch.Generator | None = None) -> int:
@@ -149,17 +151,20 @@ class InputBatch:
         self.sampling.add(row, params, generator)
         return row
 
-    def remove_request(self, req_id: str) -> CachedRequestState:
-        """Free ``req_id``'s row (a hole until ``condense``); return what re-adding it would need."""
+    def remove_request(self, req_id: str) -> None:
+        """Free ``req_id``'s row (a hole until ``condense``)."""
         row = self.req_id_to_row.pop(req_id)
         self.req_ids[row] = None
         self._condensed = False
+        self.sampling.remove(row)
+
+    def _cached_state(self, req_id: str) -> CachedRequestState:
+        """What re-adding ``req_id`` after it leaves its row will need."""
+        row = self.req_id_to_row[req_id]
         num_prompt, num_tokens = int(self.num_prompt_tokens[row]), int(self.num_tokens[row])
-        state = CachedRequestState(
+        return CachedRequestState(
             req_id, self.token_ids[row, :num_prompt].tolist(), self.sampling.params[row],
             self.token_ids[row, num_prompt:num_tokens].tolist(), self.sampling.generators.get(row))
-        self.sampling.remove(row)
-        return state
 
     def condense(self) -> None:
         """Move the last occupied rows into the holes, so the occupied rows are ``[0, num_reqs)``."""
