@@ -188,7 +188,7 @@ class InputBatch:
     def _free_row(self) -> int:
         n = self.num_reqs
         if n == len(self.req_ids):
-            self._grow(2 * n)
+            self._grow(max(2 * n, 1))
             return n
         if self._condensed:  # the first free row is right after the occupied ones
             return n
