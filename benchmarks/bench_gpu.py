@@ -102,11 +102,10 @@ class StepTimer:
         self.rows: list[tuple[bool, int, float, float, float, float]] = []
         self._cur: dict[str, float] = {}
         runner = engine.executor.worker.model_runner
-        import pagedllm.worker.model_runner as model_runner
-
+        # "prep": the persistent batch taking the scheduler's diff, then building the step's flat batch.
         for obj, name, key in ((engine.scheduler, "schedule", "sched"), (engine.executor, "execute_model", "exec"),
-                               (runner, "_forward", "launch"), (model_runner, "build_flat_batch", "prep"),
-                               (model_runner, "update_states", "prep"), (runner, "_sample", "sample")):
+                               (runner, "_forward", "launch"), (runner.input_batch, "update_states", "prep"),
+                               (runner.input_batch, "prepare", "prep"), (runner, "_sample", "sample")):
             setattr(obj, name, self._wrap(getattr(obj, name), key))
         self._step = engine.step
         engine.step = self.step

@@ -4,10 +4,11 @@ A decode step launches hundreds of small kernels; replaying a captured graph
 removes the launch gaps. One graph is captured per batch-size bucket
 (1, 2, 4, 8, 16, 24, ... up to max_num_seqs); a batch of n requests replays the
 smallest bucket >= n, padded with rows that write nowhere (slot -1) and attend to
-nothing (seq_len 0). All graphs read the runner's persistent ``InputBuffers``,
-which each step fills from pinned host memory with non-blocking copies. The
-graph covers the layers only; the LM head and the sampler run eagerly on the
-rows that sample.
+nothing (seq_len 0). All graphs read the persistent ``InputBuffers`` they are
+given, which each step fills from pinned host memory with non-blocking copies.
+The graph covers the layers only; the LM head and the sampler run eagerly on the
+rows that sample. The runner hands over what the graphs read (model, KV caches,
+input buffers, max model length); this module does not know the ModelRunner.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from pagedllm.worker.input_batch import FlatBatch
-    from pagedllm.worker.model_runner import ModelRunner
+    from pagedllm.worker.input_buffers import InputBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +38,21 @@ def batch_size_buckets(max_batch_size: int) -> list[int]:
 class CudaGraphRunner:
     """Captures one decode-step graph per batch-size bucket and replays the smallest that fits."""
 
-    def __init__(self, runner: ModelRunner, max_batch_size: int) -> None:
-        self.runner = runner
-        self.buffers = runner.buffers
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], buffers: InputBuffers, max_model_len: int,
+                 max_batch_size: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.buffers = buffers
         self.buckets = batch_size_buckets(max_batch_size)
         self.max_bs = self.buckets[-1]
         # Only steers the decode split count; the kernels read each length from seq_lens.
-        self.max_seq_len = runner.model_config.max_model_len
+        self.max_seq_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bs -> (bs, hidden_size), written by each replay
 
     @torch.inference_mode()
     def capture(self) -> None:
-        model, kv = self.runner.model, self.runner.kv_caches
+        model, kv = self.model, self.kv_caches
         buffers = self.buffers
         buffers.fill_padding()  # warm-up and capture write no KV and attend to nothing
         start = time.perf_counter()
@@ -68,11 +72,11 @@ class CudaGraphRunner:
                     self.buckets, time.perf_counter() - start)
 
     def can_run(self, batch: FlatBatch) -> bool:
-        return batch.max_query_len == 1 and len(batch.req_ids) <= self.max_bs
+        return batch.max_query_len == 1 and batch.num_reqs <= self.max_bs
 
     def run(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the bucket's graph on ``batch``: (hidden (n, hidden_size), logits_indices)."""
-        n = len(batch.req_ids)
+        n = batch.num_reqs
         bs = next(b for b in self.buckets if b >= n)
         _, _, _, logits_indices = self.buffers.load(batch, pad_to=bs)
         self.graphs[bs].replay()

@@ -1,11 +1,13 @@
 """ModelRunner: turns a SchedulerOutput into tensors, runs the model, samples.
 
-    SchedulerOutput ─► update_states ─► build_flat_batch (numpy, host)
+    SchedulerOutput ─► InputBatch.update_states (the diff, into persistent rows)
+        ─► InputBatch.prepare (numpy indexing of those rows, host) ─► FlatBatch
         ─► InputBuffers (pinned host → persistent device tensors, non-blocking)
         ─► model forward (eager, or a CUDA graph replay for decode-only batches), queued
-        ─► sampling metadata built on the host while the GPU runs the forward
-        ─► logits of the last token of each sampling request ─► Sampler
-        ─► ModelRunnerOutput (python lists: the only host sync is reading sampled ids)
+        ─► sampling metadata gathered from the rows' SamplingState while the GPU runs the forward
+        ─► logits at each request's sampled positions (logits_indices) ─► Sampler
+        ─► sampled ids appended to the rows ─► ModelRunnerOutput
+           (python lists: the only host sync is reading sampled ids)
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch
 from pagedllm.attention.backend import get_backend
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from pagedllm.models.layers.sampler import Sampler, SamplingMetadata
+from pagedllm.models.layers.sampler import Sampler, SamplerOutput
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
-from pagedllm.worker.input_batch import CachedRequestState, FlatBatch, InputBuffers, build_flat_batch, update_states
+from pagedllm.worker.input_batch import FlatBatch, InputBatch, flat_logits_indices
+from pagedllm.worker.input_buffers import InputBuffers
 from pagedllm.worker.kv_swap import SwapSpace
+from pagedllm.worker.sampling_metadata import SamplingMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +46,14 @@ class ModelRunner:
         self.dtype = model_config.torch_dtype
         self.vocab_size = model_config.hf_config.vocab_size
         self.sampler = Sampler()
-        self.states: dict[str, CachedRequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.use_cuda_graphs = device.type == "cuda" and not device_config.enforce_eager
         self.graphs: CudaGraphRunner | None = None
         max_tokens = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
-        self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs,
-                                    -(-model_config.max_model_len // self.block_size), device)
+        max_num_blocks = -(-model_config.max_model_len // self.block_size)
+        self.input_batch = InputBatch(scheduler_config.max_num_seqs, model_config.max_model_len, max_num_blocks,
+                                      self.vocab_size, device)
+        self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device)
 
     # ---- KV cache ----------------------------------------------------------
     def kv_cache_bytes_per_block(self) -> int:
@@ -62,13 +67,14 @@ class ModelRunner:
         self.kv_caches = self._alloc_kv(num_blocks)
         self.swap_space = SwapSpace(self.kv_caches, num_cpu_blocks) if num_cpu_blocks else None
         if self.use_cuda_graphs:
-            self.graphs = CudaGraphRunner(self, max_batch_size=self.scheduler_config.max_num_seqs)
+            self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.buffers, self.model_config.max_model_len,
+                                          max_batch_size=self.scheduler_config.max_num_seqs)
             self.graphs.capture()
 
     # ---- one step ----------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        update_states(self.states, sched, self.device)
+        self.input_batch.update_states(sched)
         # Order matters. Copies first: a copy's source may be freed this step and reused as a
         # swap-in target, and a forked request swapped out this step must take its copied block.
         if sched.blocks_to_copy:
@@ -79,15 +85,15 @@ class ModelRunner:
             self.swap_space.swap_in(sched.blocks_to_swap_in)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        batch = build_flat_batch(self.states, sched, self.block_size)
+        batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size)
         hidden, logits_indices = self._forward(batch)  # queued on the GPU, not finished
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
-        if batch.sample_req_ids:
+        if len(batch.logits_indices):
             # Host work that overlaps the forward: no sync until the sampled ids are read.
-            states = [self.states[r] for r in batch.sample_req_ids]
-            md = self._sampling_metadata(states)
-            self._sample(batch, states, md, hidden[logits_indices], out)
-        self._prompt_logprobs(batch, hidden, out)
+            md = self.input_batch.sampling_metadata(batch)
+            self._sample(batch, md, hidden[logits_indices], out)
+        if (self.input_batch.sampling.num_prompt_logprobs[batch.rows] >= 0).any():
+            self._prompt_logprobs(batch, hidden, out)
         return out
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -98,7 +104,7 @@ class ModelRunner:
             kv.index_copy_(0, dst, kv.index_select(0, src))
 
     def _forward(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (num_tokens, hidden_size), logits_indices (num_sampling,)) on the device."""
+        """(hidden (num_tokens, hidden_size), logits_indices (num_sampled,)) on the device."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)
@@ -107,43 +113,43 @@ class ModelRunner:
         input_ids, positions, md, logits_indices = self.buffers.load(batch)
         return self.model(input_ids, positions, self.kv_caches, md), logits_indices
 
-    def _sample(self, batch: FlatBatch, states: list[CachedRequestState], md: SamplingMetadata,
-                hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden)  # (num_sampling, vocab) fp32
+    def _sample(self, batch: FlatBatch, md: SamplingMetadata, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        """Sample ``hidden``'s rows (the sampled positions, in ``logits_indices`` order) into ``out``."""
+        logits = self.model.compute_logits(hidden)  # (num_sampled, vocab) fp32
         result = self.sampler(logits, md)
-        sampled = result.sampled_token_ids.tolist()
-        pos = {r: i for i, r in enumerate(batch.req_ids)}
-        for st, tok in zip(states, sampled):
-            out.sampled_token_ids[pos[st.req_id]] = [tok]
-            st.output_token_ids.append(tok)
+        sampled = result.sampled_token_ids.cpu().numpy()  # the step's one host sync
+        self.input_batch.append_sampled(batch, sampled)
+        tokens = sampled.tolist()
+        sampling_reqs = np.flatnonzero(batch.num_sampled_tokens).tolist()
+        counts = batch.num_sampled_tokens[sampling_reqs].tolist()
+        k = 0
+        for i, count in zip(sampling_reqs, counts):
+            out.sampled_token_ids[i] = tokens[k:k + count]
+            k += count
         if result.logprob_token_ids is not None:
-            ids = result.logprob_token_ids.tolist()
-            lps = result.logprobs.tolist()
-            ranks = result.sampled_ranks.tolist()
-            for i, st in enumerate(states):
-                k = st.sampling_params.logprobs
-                if k is not None:
-                    out.logprobs[st.req_id] = LogprobsLists([ids[i][:k + 1]], [lps[i][:k + 1]], [ranks[i]])
+            self._logprobs(batch, result, sampling_reqs, counts, out)
 
-    def _sampling_metadata(self, states: list[CachedRequestState]) -> SamplingMetadata:
-        generators = {i: st.generator for i, st in enumerate(states) if st.generator is not None}
-        stop_ids = []
-        for st in states:
-            p = st.sampling_params
-            # The engine puts EOS (unless ignore_eos) into all_stop_token_ids.
-            stop_ids.append(p.all_stop_token_ids if len(st.output_token_ids) < p.min_tokens else set())
-        return SamplingMetadata.build(
-            [st.sampling_params for st in states], [st.prompt_token_ids for st in states],
-            [st.output_token_ids for st in states], generators, stop_ids, self.vocab_size, self.device)
+    def _logprobs(self, batch: FlatBatch, result: SamplerOutput, sampling_reqs: list[int], counts: list[int],
+                  out: ModelRunnerOutput) -> None:
+        ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
+                           result.sampled_ranks.tolist())
+        num_logprobs = self.input_batch.sampling.num_logprobs
+        k = 0
+        for i, count in zip(sampling_reqs, counts):
+            n = int(num_logprobs[batch.rows[i]])
+            if n >= 0:
+                rows = range(k, k + count)
+                out.logprobs[batch.req_ids[i]] = LogprobsLists(
+                    [ids[r][:n + 1] for r in rows], [lps[r][:n + 1] for r in rows], [ranks[r] for r in rows])
+            k += count
 
     def _prompt_logprobs(self, batch: FlatBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """Logprobs of each prompt token given its prefix, for requests that asked for them."""
-        for i, req_id in enumerate(batch.req_ids):
-            st = self.states[req_id]
-            k = st.sampling_params.prompt_logprobs
-            if k is None:
-                continue
-            num_prompt = len(st.prompt_token_ids)
+        ib = self.input_batch
+        for i in np.flatnonzero(ib.sampling.num_prompt_logprobs[batch.rows] >= 0).tolist():
+            row = int(batch.rows[i])
+            k = int(ib.sampling.num_prompt_logprobs[row])
+            num_prompt = int(ib.num_prompt_tokens[row])
             start = int(batch.positions[batch.query_start_loc[i]])
             end = min(int(batch.seq_lens[i]), num_prompt - 1)  # positions whose next token is in the prompt
             if start >= end:
@@ -151,13 +157,13 @@ class ModelRunner:
             q0 = int(batch.query_start_loc[i])
             logits = self.model.compute_logits(hidden[q0:q0 + end - start])
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-            targets = torch.tensor(st.prompt_token_ids[start + 1:end + 1], device=logprobs.device)
+            targets = torch.from_numpy(ib.token_ids[row, start + 1:end + 1].astype(np.int64)).to(logprobs.device)
             chosen = logprobs.gather(1, targets[:, None])
             ranks = (logprobs > chosen).sum(-1) + 1
             top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], targets[:, None][:, :0])
             ids = torch.cat([targets[:, None], top_ids], 1).tolist()
             lps = torch.cat([chosen, top_lp], 1).tolist()
-            out.prompt_logprobs[req_id] = LogprobsLists(ids, lps, ranks.tolist())
+            out.prompt_logprobs[batch.req_ids[i]] = LogprobsLists(ids, lps, ranks.tolist())
 
     # ---- profiling ---------------------------------------------------------
     @torch.inference_mode()
@@ -179,11 +185,13 @@ class ModelRunner:
         req_of_token = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(len(req_of_token)) - qsl[:-1][req_of_token]
         slots = block_tables[req_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+        num_sampled = np.ones(num_seqs, dtype=np.int64)
         batch = FlatBatch(
-            req_ids=[str(i) for i in range(num_seqs)], input_ids=np.zeros(len(positions), dtype=np.int64),
-            positions=positions.astype(np.int64), slot_mapping=slots + positions % self.block_size,
-            query_start_loc=qsl, seq_lens=counts.astype(np.int32), block_tables=block_tables,
-            logits_indices=(qsl[1:] - 1).tolist(), sample_req_ids=[], max_query_len=int(counts.max()),
+            req_ids=[str(i) for i in range(num_seqs)], rows=np.arange(num_seqs),
+            input_ids=np.zeros(len(positions), dtype=np.int64), positions=positions.astype(np.int64),
+            slot_mapping=slots + positions % self.block_size, query_start_loc=qsl, seq_lens=counts.astype(np.int32),
+            block_tables=block_tables, num_sampled_tokens=num_sampled,
+            logits_indices=flat_logits_indices(qsl, num_sampled), max_query_len=int(counts.max()),
             max_seq_len=int(counts.max()))
         real_caches = self.kv_caches
         self.kv_caches = self._alloc_kv(num_seqs * blocks_per_seq)

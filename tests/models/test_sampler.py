@@ -14,8 +14,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from pagedllm.models.layers.sampler import Sampler, SamplingMetadata, apply_penalties, apply_top_k_top_p
+from pagedllm.models.layers.sampler import Sampler, apply_penalties, apply_top_k_top_p
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.sampling_metadata import SamplingMetadata
 
 V = 24
 NUM_DRAWS = 20_000
@@ -352,15 +353,3 @@ def test_build_skips_unused_tensors_and_pads_outputs():
     assert md.prompt_token_ids is None  # only repetition penalty needs the prompt
     assert md.output_token_ids.tolist() == [[5, 6, 7], [V, V, V]]
     assert md.top_k.tolist() == [V, 4]
-
-
-def test_build_rejects_bad_input():
-    p = SamplingParams()
-    with pytest.raises(ValueError, match="output_token_ids"):
-        SamplingMetadata.build([p] * 2, [[]] * 2, [[]], {}, None, V, "cpu")
-    with pytest.raises(ValueError, match="output_token_ids"):
-        SamplingMetadata.build([SamplingParams(presence_penalty=1.0)], [[]], [[V]], {}, None, V, "cpu")
-    with pytest.raises(ValueError, match="generators"):
-        SamplingMetadata.build([p], [[]], [[]], {3: torch.Generator()}, None, V, "cpu")
-    with pytest.raises(ValueError, match="params"):
-        SamplingMetadata.build([], [], [], {}, None, V, "cpu")

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm.core.outputs import SchedulerOutput
+from pagedllm.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graphs import batch_size_buckets
-from pagedllm.worker.input_batch import CachedRequestState, InputBuffers, build_flat_batch
+from pagedllm.worker.input_batch import InputBatch
+from pagedllm.worker.input_buffers import InputBuffers
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 997,
@@ -23,12 +24,12 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "tie_word_embeddings": False}
 
 
-def _states() -> dict[str, CachedRequestState]:
+def _input_batch() -> InputBatch:
     params = SamplingParams(temperature=0)
-    return {
-        "a": CachedRequestState("a", list(range(10, 30)), params, [7, 3], 20, [5]),  # decode at position 20
-        "b": CachedRequestState("b", list(range(40, 45)), params, [9], 0),  # prefill of 5 tokens
-    }
+    batch = InputBatch(capacity=4, max_model_len=64, max_num_blocks=8, vocab_size=997, device=torch.device("cpu"))
+    batch.add_request(NewRequestData("a", list(range(10, 30)), params, [7, 3], 20, [5]))  # decode at position 20
+    batch.add_request(NewRequestData("b", list(range(40, 45)), params, [9], 0))  # prefill of 5 tokens
+    return batch
 
 
 def test_buckets() -> None:
@@ -38,9 +39,7 @@ def test_buckets() -> None:
 
 
 def test_input_buffers_eager_layout() -> None:
-    states = _states()
-    sched = SchedulerOutput([], [], {"a": 1, "b": 5}, 6, set())
-    batch = build_flat_batch(states, sched, block_size=16)
+    batch = _input_batch().prepare({"a": 1, "b": 5}, block_size=16)
     buffers = InputBuffers(max_num_tokens=32, max_num_seqs=4, max_num_blocks=8, device=torch.device("cpu"))
     input_ids, positions, md, logits_indices = buffers.load(batch)
     assert input_ids.tolist() == [5, 40, 41, 42, 43, 44]
@@ -55,12 +54,13 @@ def test_input_buffers_eager_layout() -> None:
 
 def test_input_buffers_padded_decode_and_reuse() -> None:
     """A padded decode batch after a wider one: stale values must not leak into what is read."""
-    states = _states()
+    input_batch = _input_batch()
     buffers = InputBuffers(max_num_tokens=32, max_num_seqs=4, max_num_blocks=8, device=torch.device("cpu"))
-    buffers.load(build_flat_batch(states, SchedulerOutput([], [], {"a": 1, "b": 5}, 6, set()), 16))
-    states["b"].num_computed_tokens = 5
-    states["b"].output_token_ids.append(77)
-    batch = build_flat_batch(states, SchedulerOutput([], [], {"b": 1}, 1, set()), 16)
+    first = input_batch.prepare({"a": 1, "b": 5}, 16)
+    buffers.load(first)
+    input_batch.append_sampled(first, np.array([6, 77]))
+    input_batch.update_states(SchedulerOutput([], [CachedRequestData("b", False, [], 5)], {"b": 1}, 1, set()))
+    batch = input_batch.prepare({"b": 1}, 16)
     input_ids, positions, md, logits_indices = buffers.load(batch, pad_to=4)
     assert input_ids.tolist() == [77, 0, 0, 0]
     assert positions.tolist() == [5, 0, 0, 0]
@@ -78,7 +78,7 @@ def test_input_buffers_padded_decode_and_reuse() -> None:
 
 
 def test_input_buffers_reject_oversized_batch() -> None:
-    batch = build_flat_batch(_states(), SchedulerOutput([], [], {"a": 1, "b": 5}, 6, set()), 16)
+    batch = _input_batch().prepare({"a": 1, "b": 5}, 16)
     with pytest.raises(ValueError, match="exceeds the input buffers"):
         InputBuffers(max_num_tokens=32, max_num_seqs=1, max_num_blocks=8, device=torch.device("cpu")).load(batch)
 

@@ -1,8 +1,9 @@
 """Batched sampler: turns the last-position logits of N sequences into N next tokens.
 
-This module owns everything between the model's logits and the sampled token
-ids: the per-batch ``SamplingMetadata`` (built once per step from each row's
-``SamplingParams``), the logits processors, the random draw and the logprobs.
+This module owns the math between the model's logits and the sampled token ids:
+the logits processors, the random draw and the logprobs. Its input, the per-step
+``SamplingMetadata``, is built by the worker (worker/sampling_metadata.py) from
+the persistent batch's per-row sampling state.
 It follows vLLM v1's sampler, in this order::
 
     logits (N, V) ──► raw logprobs (log_softmax, only if requested)
@@ -24,112 +25,15 @@ tokens whatever else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.sampling_metadata import SamplingMetadata
 
 # Temperatures below this are greedy (matches SamplingParams.greedy).
 _SAMPLING_EPS = 1e-5
-
-
-@dataclass
-class SamplingMetadata:
-    """Per-step sampling settings of N rows (one row = one sequence), as device tensors.
-
-    Tensors a batch does not need are ``None`` so the sampler skips their work.
-    """
-
-    temperature: torch.Tensor  # (N,) float32; 0.0 on greedy rows
-    all_greedy: bool
-    all_random: bool
-    vocab_size: int
-    top_p: torch.Tensor | None = None  # (N,) float32; 1.0 = off
-    top_k: torch.Tensor | None = None  # (N,) int64 in [1, V]; V = off
-    min_p: torch.Tensor | None = None  # (N,) float32; 0.0 = off
-    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its generator
-    max_num_logprobs: int | None = None
-    presence_penalties: torch.Tensor | None = None  # (N,) float32; 0.0 = off
-    frequency_penalties: torch.Tensor | None = None  # (N,) float32; 0.0 = off
-    repetition_penalties: torch.Tensor | None = None  # (N,) float32; 1.0 = off
-    output_token_ids: torch.Tensor | None = None  # (N, max_output_len) int64, padded with V
-    prompt_token_ids: torch.Tensor | None = None  # (N, max_prompt_len) int64, padded with V
-    # (row ids, token ids), both (M,) int64: logits to set to -inf for min_tokens.
-    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return self.temperature.shape[0]
-
-    @property
-    def no_penalties(self) -> bool:
-        return (self.presence_penalties is None and self.frequency_penalties is None
-                and self.repetition_penalties is None)
-
-    @classmethod
-    def build(
-        cls,
-        params: list[SamplingParams],
-        prompt_token_ids: list[list[int]],
-        output_token_ids: list[list[int]],
-        generators: dict[int, torch.Generator],
-        stop_ids_for_min_tokens: list[set[int]] | None,
-        vocab_size: int,
-        device: torch.device | str,
-    ) -> SamplingMetadata:
-        """Build the batch tensors from each row's params and tokens so far.
-
-        ``stop_ids_for_min_tokens[i]`` holds the ids (EOS and stop_token_ids) that
-        row i may not sample while ``len(output_token_ids[i]) < params[i].min_tokens``;
-        when the argument is None, ``params[i].all_stop_token_ids`` is used.
-        """
-        device = torch.device(device)
-        _validate_build_args(params, prompt_token_ids, output_token_ids, generators,
-                             stop_ids_for_min_tokens, vocab_size, device)
-        greedy = [p.greedy for p in params]
-        random_params = [p for p, g in zip(params, greedy) if not g]
-        md = cls(
-            temperature=_tensor([0.0 if g else float(p.temperature) for p, g in zip(params, greedy)],
-                                torch.float32, device),
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-            vocab_size=vocab_size,
-            generators=dict(generators),
-        )
-        # Filters only matter on rows that sample; greedy rows ignore them.
-        if any(0 < p.top_k < vocab_size for p in random_params):
-            md.top_k = _tensor(
-                [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params], torch.int64, device)
-        if any(p.top_p < 1.0 for p in random_params):
-            md.top_p = _tensor([p.top_p for p in params], torch.float32, device)
-        if any(p.min_p > 0.0 for p in random_params):
-            md.min_p = _tensor([p.min_p for p in params], torch.float32, device)
-        logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        md.max_num_logprobs = max(logprobs) if logprobs else None
-        md._build_penalties(params, prompt_token_ids, output_token_ids, device)
-        md.min_tokens_mask = _build_min_tokens_mask(params, output_token_ids, stop_ids_for_min_tokens,
-                                                    vocab_size, device)
-        return md
-
-    def _build_penalties(self, params: list[SamplingParams], prompt_token_ids: list[list[int]],
-                         output_token_ids: list[list[int]], device: torch.device) -> None:
-        v = self.vocab_size
-        if any(p.presence_penalty != 0.0 for p in params):
-            self.presence_penalties = _tensor(
-                [p.presence_penalty for p in params], torch.float32, device)
-        if any(p.frequency_penalty != 0.0 for p in params):
-            self.frequency_penalties = _tensor(
-                [p.frequency_penalty for p in params], torch.float32, device)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            self.repetition_penalties = _tensor(
-                [p.repetition_penalty for p in params], torch.float32, device)
-            # Repetition penalty (as in HF and vLLM) also covers the prompt's tokens.
-            self.prompt_token_ids = _to_device(_pad_token_ids(prompt_token_ids, v, "prompt_token_ids"), device)
-        if not self.no_penalties:
-            self.output_token_ids = _to_device(_pad_token_ids(output_token_ids, v, "output_token_ids"), device)
 
 
 @dataclass
@@ -272,76 +176,3 @@ def _token_counts(token_ids: torch.Tensor, num_rows: int, vocab_size: int) -> to
     counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=token_ids.device)
     counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.float32))
     return counts[:, :vocab_size]  # the extra column collected the padding
-
-
-def _pad_token_ids(rows: list[list[int]], vocab_size: int, name: str) -> torch.Tensor:
-    """Pack ragged token lists into one (N, max_len) int64 CPU tensor padded with ``vocab_size``.
-
-    One flat tensor and one masked assignment, so no per-row tensor is made.
-    """
-    lens = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-    max_len = int(lens.max()) if len(rows) else 0
-    flat = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= vocab_size):
-        raise ValueError(f"{name} must hold token ids in [0, {vocab_size})")
-    padded = torch.full((len(rows), max_len), vocab_size, dtype=torch.int64)
-    # Row-major boolean indexing fills the valid slots in the order of ``flat``.
-    padded[torch.arange(max_len) < lens.unsqueeze(1)] = flat
-    return padded
-
-
-def _build_min_tokens_mask(
-    params: list[SamplingParams],
-    output_token_ids: list[list[int]],
-    stop_ids: list[set[int]] | None,
-    vocab_size: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    rows: list[int] = []
-    cols: list[int] = []
-    for i, (p, out) in enumerate(zip(params, output_token_ids)):
-        if len(out) >= p.min_tokens:
-            continue
-        # An id outside the vocabulary (a user's stop_token_ids) can never be sampled anyway.
-        ids = [t for t in (stop_ids[i] if stop_ids is not None else p.all_stop_token_ids) if t < vocab_size]
-        rows.extend([i] * len(ids))
-        cols.extend(ids)
-    if not rows:
-        return None
-    return _tensor(rows, torch.int64, device), _tensor(cols, torch.int64, device)
-
-
-def _validate_build_args(
-    params: list[SamplingParams],
-    prompt_token_ids: list[list[int]],
-    output_token_ids: list[list[int]],
-    generators: dict[int, torch.Generator],
-    stop_ids_for_min_tokens: list[set[int]] | None,
-    vocab_size: int,
-    device: torch.device,
-) -> None:
-    n = len(params)
-    if n == 0:
-        raise ValueError("params must hold at least one row")
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    for name, value in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids),
-                        ("stop_ids_for_min_tokens", stop_ids_for_min_tokens)):
-        if value is not None and len(value) != n:
-            raise ValueError(f"{name} must have one entry per row ({n}), got {len(value)}")
-    for row, gen in generators.items():
-        if not 0 <= row < n:
-            raise ValueError(f"generators has row {row}, outside [0, {n})")
-        if gen.device.type != device.type:
-            raise ValueError(f"generators[{row}] is on {gen.device}, the batch on {device}")
-
-
-def _tensor(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=dtype), device)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a CPU tensor to ``device``; through pinned memory on CUDA so the copy is asynchronous."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

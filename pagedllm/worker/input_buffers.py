@@ -1,0 +1,153 @@
+"""The persistent device tensors one step's inputs are copied into, and their pinned host staging.
+
+``StagingBuffers`` lays out named fields, ``(name, dtype, length)``, in one pinned
+host tensor and one device tensor per dtype, so a step costs one host->device copy
+per dtype (the used prefix) whatever the number of fields. ``InputBuffers`` names
+the fields the model and the attention backend read:
+
+    int64: input_ids (T) · positions (T) · slot_mapping (T) · logits_indices (T)
+    int32: seq_lens (S) · query_start_loc (S + 1) · block_tables (S x max_num_blocks)
+
+T = max tokens per step, S = max sequences per step. Every field keeps a fixed
+device address, so the views a CUDA graph captured stay valid for every later step.
+On the CPU the staging arrays are the tensors the model reads (no copy).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata
+
+if TYPE_CHECKING:
+    from pagedllm.worker.input_batch import FlatBatch
+
+# Every field starts on a multiple of 16 elements (Triton specialises kernels on pointer alignment).
+_ALIGN = 16
+
+
+class StagingBuffers:
+    """Named fields in one pinned host tensor and one device tensor per dtype."""
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, int]], device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        self._fields: dict[str, tuple[torch.dtype, int, int]] = {}  # name -> (dtype, offset, length)
+        sizes: dict[torch.dtype, int] = {}
+        for name, dtype, length in fields:
+            offset = sizes.get(dtype, 0)
+            self._fields[name] = (dtype, offset, length)
+            sizes[dtype] = offset + -(-length // _ALIGN) * _ALIGN
+        self._host = {dtype: torch.zeros(n, dtype=dtype, pin_memory=self.on_gpu) for dtype, n in sizes.items()}
+        self._host_np = {dtype: t.numpy() for dtype, t in self._host.items()}
+        self._device = {dtype: t.to(device) if self.on_gpu else t for dtype, t in self._host.items()}
+
+    def host(self, name: str) -> np.ndarray:
+        """The whole field in the host staging (a numpy view: writes go to the staging)."""
+        dtype, offset, length = self._fields[name]
+        return self._host_np[dtype][offset:offset + length]
+
+    def device(self, name: str) -> torch.Tensor:
+        """The whole field on the device (a view with a fixed address)."""
+        dtype, offset, length = self._fields[name]
+        return self._device[dtype][offset:offset + length]
+
+    def copy_to_device(self, used: dict[str, int]) -> None:
+        """Copy, for each dtype, the staging prefix through the last used element (``used``:
+        field -> elements written): one non-blocking copy per dtype. No-op on the CPU."""
+        if not self.on_gpu:
+            return
+        ends: dict[torch.dtype, int] = {}
+        for name, n in used.items():
+            dtype, offset, _ = self._fields[name]
+            ends[dtype] = max(ends.get(dtype, 0), offset + n)
+        for dtype, end in ends.items():
+            self._device[dtype][:end].copy_(self._host[dtype][:end], non_blocking=True)
+
+
+class InputBuffers:
+    """Persistent device tensors for one step's inputs, filled from pinned host memory."""
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_num_blocks: int, device: torch.device) -> None:
+        self.max_num_tokens, self.max_num_seqs, self.max_num_blocks = max_num_tokens, max_num_seqs, max_num_blocks
+        self.device = device
+        t, s, i64, i32 = max_num_tokens, max_num_seqs, torch.int64, torch.int32
+        # Order within a dtype matters: each step copies the prefix through the last field written.
+        self.staging = StagingBuffers([
+            ("input_ids", i64, t), ("positions", i64, t), ("slot_mapping", i64, t), ("logits_indices", i64, t),
+            ("seq_lens", i32, s), ("query_start_loc", i32, s + 1), ("block_tables", i32, s * max_num_blocks),
+        ], device)
+        self.staging.host("slot_mapping")[:] = -1  # padding tokens write nowhere
+        # Recorded after each step's copies: the host waits on it before overwriting the staging.
+        self._copied = torch.cuda.Event() if self.staging.on_gpu else None
+
+    def load(self, batch: FlatBatch, pad_to: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Copy ``batch`` to the device: (input_ids, positions, metadata, logits_indices).
+
+        ``pad_to`` (a CUDA-graph batch size, decode only) pads to that many one-token rows
+        that write nowhere (slot -1) and attend to nothing (seq_len 0); the block table then
+        spans its full width, as the captured graph reads it."""
+        n_tok, n_seq = batch.num_tokens, batch.num_reqs
+        if n_tok > self.max_num_tokens or n_seq > self.max_num_seqs:
+            raise ValueError(f"batch of {n_tok} tokens / {n_seq} sequences exceeds the input buffers "
+                             f"({self.max_num_tokens} / {self.max_num_seqs})")
+        rows = pad_to or n_seq
+        n_pad_tok = n_tok + rows - n_seq
+        width = self.max_num_blocks if pad_to else batch.block_tables.shape[1]
+        num_logits = len(batch.logits_indices)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copies have read the staging
+        host = self.staging.host
+        input_ids, positions, slots = host("input_ids"), host("positions"), host("slot_mapping")
+        input_ids[:n_tok] = batch.input_ids
+        positions[:n_tok] = batch.positions
+        slots[:n_tok] = batch.slot_mapping
+        host("logits_indices")[:num_logits] = batch.logits_indices
+        host("seq_lens")[:n_seq] = batch.seq_lens
+        qsl = host("query_start_loc")[:rows + 1]
+        qsl[:n_seq + 1] = batch.query_start_loc
+        block_tables = host("block_tables")[:rows * width].reshape(rows, width)
+        block_tables[:n_seq, :batch.block_tables.shape[1]] = batch.block_tables
+        if pad_to:
+            input_ids[n_tok:n_pad_tok] = 0
+            positions[n_tok:n_pad_tok] = 0
+            slots[n_tok:n_pad_tok] = -1
+            host("seq_lens")[n_seq:rows] = 0
+            qsl[n_seq + 1:] = np.arange(n_tok + 1, n_pad_tok + 1, dtype=np.int32)
+        if self._copied is not None:
+            self.staging.copy_to_device({"input_ids": n_pad_tok, "positions": n_pad_tok, "slot_mapping": n_pad_tok,
+                                         "logits_indices": num_logits, "seq_lens": rows,
+                                         "query_start_loc": rows + 1, "block_tables": rows * width})
+            self._copied.record()
+        md = self.metadata(rows, n_pad_tok, width, batch.max_query_len, batch.max_seq_len)
+        md.num_actual_tokens = n_tok
+        md.seq_lens_cpu = batch.seq_lens.tolist()
+        md.query_start_loc_cpu = batch.query_start_loc.tolist()
+        ids, pos = self.token_views(n_pad_tok)
+        return ids, pos, md, self.staging.device("logits_indices")[:num_logits]
+
+    def fill_padding(self) -> None:
+        """Set every device field to padding: token 0 at position 0, slot -1, seq_len 0, one query each."""
+        dev = self.staging.device
+        for name in ("input_ids", "positions", "seq_lens", "block_tables", "logits_indices"):
+            dev(name).zero_()
+        dev("slot_mapping").fill_(-1)
+        qsl = dev("query_start_loc")
+        qsl.copy_(torch.arange(len(qsl), dtype=torch.int32))
+
+    def metadata(self, rows: int, num_tokens: int, width: int, max_query_len: int,
+                 max_seq_len: int) -> AttentionMetadata:
+        """Attention metadata over views of the device buffers (what a CUDA graph captures)."""
+        dev = self.staging.device
+        return AttentionMetadata(
+            slot_mapping=dev("slot_mapping")[:num_tokens], seq_lens=dev("seq_lens")[:rows],
+            query_start_loc=dev("query_start_loc")[:rows + 1],
+            block_tables=dev("block_tables")[:rows * width].view(rows, width),
+            max_query_len=max_query_len, max_seq_len=max_seq_len, num_actual_tokens=num_tokens)
+
+    def token_views(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, positions) device views of the first ``num_tokens`` tokens."""
+        return self.staging.device("input_ids")[:num_tokens], self.staging.device("positions")[:num_tokens]

@@ -1,0 +1,248 @@
+"""Sampling settings: per row of the persistent batch, and per step as device tensors.
+
+``SamplingState`` keeps each row's settings (temperature, filters, penalties,
+min_tokens, logprob counts, its seeded generator) in numpy arrays, filled once
+when a request joins the batch. Each step ``SamplingState.metadata(rows, ...)``
+gathers the rows that sample into a ``SamplingMetadata`` of device tensors, the
+input of the sampler (models/layers/sampler.py):
+
+    SamplingParams ─► SamplingState.add (once per request) ─► arrays (R,)
+    rows that sample this step (N,) ─► metadata() ─► SamplingMetadata (N,) tensors
+
+SamplingParams validated every field when the request was made; nothing here checks
+them again. Penalties need the token histories, which are gathered only on steps
+where some sampling row uses a penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-step sampling settings of N rows (one row = one sampled token), as device tensors.
+
+    Tensors a batch does not need are ``None`` so the sampler skips their work.
+    """
+
+    temperature: torch.Tensor  # (N,) float32; 0.0 on greedy rows
+    all_greedy: bool
+    all_random: bool
+    vocab_size: int
+    top_p: torch.Tensor | None = None  # (N,) float32; 1.0 = off
+    top_k: torch.Tensor | None = None  # (N,) int64 in [1, V]; V = off
+    min_p: torch.Tensor | None = None  # (N,) float32; 0.0 = off
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> its generator
+    max_num_logprobs: int | None = None
+    presence_penalties: torch.Tensor | None = None  # (N,) float32; 0.0 = off
+    frequency_penalties: torch.Tensor | None = None  # (N,) float32; 0.0 = off
+    repetition_penalties: torch.Tensor | None = None  # (N,) float32; 1.0 = off
+    output_token_ids: torch.Tensor | None = None  # (N, max_output_len) int64, padded with V
+    prompt_token_ids: torch.Tensor | None = None  # (N, max_prompt_len) int64, padded with V
+    # (row ids, token ids), both (M,) int64: logits to set to -inf for min_tokens.
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def no_penalties(self) -> bool:
+        return (self.presence_penalties is None and self.frequency_penalties is None
+                and self.repetition_penalties is None)
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: dict[int, torch.Generator],
+        stop_ids_for_min_tokens: list[set[int]] | None,
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingMetadata:
+        """Metadata for rows given as lists (tests, memory profiling): a one-step ``SamplingState``.
+
+        ``stop_ids_for_min_tokens[i]`` holds the ids (EOS and stop_token_ids) that
+        row i may not sample while ``len(output_token_ids[i]) < params[i].min_tokens``;
+        when the argument is None, ``params[i].all_stop_token_ids`` is used.
+        """
+        n = len(params)
+        state = SamplingState(n, vocab_size)
+        for row, p in enumerate(params):
+            stops = stop_ids_for_min_tokens[row] if stop_ids_for_min_tokens is not None else None
+            state.add(row, p, generators.get(row), stops)
+        prompt_lens = np.array([len(t) for t in prompt_token_ids], dtype=np.int64)
+        num_tokens = prompt_lens + np.array([len(t) for t in output_token_ids], dtype=np.int64)
+        tokens = np.zeros((n, int(num_tokens.max(initial=0))), dtype=np.int32)
+        for row, (prompt, out) in enumerate(zip(prompt_token_ids, output_token_ids)):
+            tokens[row, :len(prompt)] = prompt
+            tokens[row, len(prompt):num_tokens[row]] = out
+        return state.metadata(np.arange(n), tokens, prompt_lens, num_tokens, torch.device(device))
+
+
+class SamplingState:
+    """Sampling settings of the persistent batch's rows, as numpy arrays of ``capacity`` rows.
+
+    Off values make a row a no-op for that step: top_k = V, top_p = 1, min_p = 0,
+    penalties 0 (1 for repetition), logprob counts -1.
+    """
+
+    _ARRAYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalties", "frequency_penalties",
+               "repetition_penalties", "min_tokens", "num_logprobs", "num_prompt_logprobs")
+
+    def __init__(self, capacity: int, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.temperature = np.zeros(capacity, dtype=np.float32)  # 0.0 = greedy
+        self.top_p = np.ones(capacity, dtype=np.float32)
+        self.top_k = np.full(capacity, vocab_size, dtype=np.int64)
+        self.min_p = np.zeros(capacity, dtype=np.float32)
+        self.presence_penalties = np.zeros(capacity, dtype=np.float32)
+        self.frequency_penalties = np.zeros(capacity, dtype=np.float32)
+        self.repetition_penalties = np.ones(capacity, dtype=np.float32)
+        self.min_tokens = np.zeros(capacity, dtype=np.int64)
+        self.num_logprobs = np.full(capacity, -1, dtype=np.int64)
+        self.num_prompt_logprobs = np.full(capacity, -1, dtype=np.int64)
+        self.generators: dict[int, torch.Generator] = {}  # row -> generator of a seeded request
+        # Per row: its params, read for the stop ids of min_tokens (the engine may add EOS to
+        # params.all_stop_token_ids after the request was made), or explicit stop ids.
+        self.params: list[SamplingParams | None] = [None] * capacity
+        self.stop_ids: list[set[int] | None] = [None] * capacity
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to ``capacity`` rows, keeping every row's settings."""
+        fresh = SamplingState(capacity, self.vocab_size)
+        old = len(self.params)
+        for name in self._ARRAYS:
+            getattr(fresh, name)[:old] = getattr(self, name)
+            setattr(self, name, getattr(fresh, name))
+        self.params.extend([None] * (capacity - old))
+        self.stop_ids.extend([None] * (capacity - old))
+
+    def add(self, row: int, params: SamplingParams, generator: torch.Generator | None = None,
+            stop_ids: set[int] | None = None) -> None:
+        """Fill ``row`` from ``params`` (validated by SamplingParams)."""
+        v = self.vocab_size
+        self.temperature[row] = 0.0 if params.greedy else params.temperature
+        self.top_p[row] = params.top_p
+        self.top_k[row] = params.top_k if 0 < params.top_k < v else v
+        self.min_p[row] = params.min_p
+        self.presence_penalties[row] = params.presence_penalty
+        self.frequency_penalties[row] = params.frequency_penalty
+        self.repetition_penalties[row] = params.repetition_penalty
+        self.min_tokens[row] = params.min_tokens
+        self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
+        self.num_prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
+        self.params[row] = params
+        self.stop_ids[row] = stop_ids
+        if generator is not None:
+            self.generators[row] = generator
+        else:
+            self.generators.pop(row, None)
+
+    def move(self, src: int, dst: int) -> None:
+        """Move row ``src`` to row ``dst`` (condensing the batch); ``src`` becomes empty."""
+        for name in self._ARRAYS:
+            arr = getattr(self, name)
+            arr[dst] = arr[src]
+        self.params[dst], self.params[src] = self.params[src], None
+        self.stop_ids[dst], self.stop_ids[src] = self.stop_ids[src], None
+        self.generators.pop(dst, None)
+        gen = self.generators.pop(src, None)
+        if gen is not None:
+            self.generators[dst] = gen
+
+    def remove(self, row: int) -> None:
+        self.params[row] = self.stop_ids[row] = None
+        self.generators.pop(row, None)
+
+    def metadata(self, rows: np.ndarray, token_ids: np.ndarray, num_prompt_tokens: np.ndarray,
+                 num_tokens: np.ndarray, device: torch.device) -> SamplingMetadata:
+        """Device tensors for the N sampling rows ``rows`` (N,) of this step, in that order.
+
+        ``token_ids`` (R, W) holds each row's prompt then output tokens, ``num_prompt_tokens``
+        and ``num_tokens`` (R,) their lengths; they are read only when a row uses a penalty.
+        """
+        temperature = self.temperature[rows]
+        greedy = temperature == 0.0  # add() stores 0.0 for every greedy row
+        random = ~greedy
+        md = SamplingMetadata(temperature=_to_device(temperature, device), all_greedy=bool(greedy.all()),
+                              all_random=not greedy.any(), vocab_size=self.vocab_size)
+        # Filters only matter on rows that sample; greedy rows ignore them.
+        for name, off in (("top_k", lambda a: a < self.vocab_size), ("top_p", lambda a: a < 1.0),
+                          ("min_p", lambda a: a > 0.0)):
+            values = getattr(self, name)[rows]
+            if off(values[random]).any():
+                setattr(md, name, _to_device(values, device))
+        max_logprobs = int(self.num_logprobs[rows].max(initial=-1))
+        md.max_num_logprobs = max_logprobs if max_logprobs >= 0 else None
+        if self.generators:
+            # Several entries of ``rows`` may share a row (several tokens): each draws in turn.
+            seeded = np.flatnonzero(np.isin(rows, np.fromiter(self.generators, np.int64)))
+            md.generators = {int(i): self.generators[int(rows[i])] for i in seeded}
+        prompt_lens = num_prompt_tokens[rows].astype(np.int64)
+        output_lens = num_tokens[rows].astype(np.int64) - prompt_lens
+        self._penalties(md, rows, token_ids, prompt_lens, output_lens, device)
+        md.min_tokens_mask = self._min_tokens_mask(rows, output_lens, device)
+        return md
+
+    def _penalties(self, md: SamplingMetadata, rows: np.ndarray, token_ids: np.ndarray, prompt_lens: np.ndarray,
+                   output_lens: np.ndarray, device: torch.device) -> None:
+        for name, off in (("presence_penalties", 0.0), ("frequency_penalties", 0.0), ("repetition_penalties", 1.0)):
+            values = getattr(self, name)[rows]
+            if (values != off).any():
+                setattr(md, name, _to_device(values, device))
+        if md.no_penalties:
+            return
+        v = self.vocab_size
+        if md.repetition_penalties is not None:
+            # Repetition penalty (as in HF and vLLM) also covers the prompt's tokens.
+            md.prompt_token_ids = _to_device(_gather_padded(token_ids, rows, 0, prompt_lens, v), device)
+        md.output_token_ids = _to_device(_gather_padded(token_ids, rows, prompt_lens, output_lens, v), device)
+
+    def _min_tokens_mask(self, rows: np.ndarray, output_lens: np.ndarray,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        below = np.flatnonzero(output_lens < self.min_tokens[rows])
+        if not len(below):
+            return None
+        mask_rows: list[int] = []
+        cols: list[int] = []
+        for i in below.tolist():
+            row = int(rows[i])
+            stops = self.stop_ids[row]
+            # The engine puts EOS (unless ignore_eos) into all_stop_token_ids. An id outside the
+            # vocabulary (a user's stop_token_ids) can never be sampled anyway.
+            ids = [t for t in (stops if stops is not None else self.params[row].all_stop_token_ids)
+                   if t < self.vocab_size]
+            mask_rows.extend([i] * len(ids))
+            cols.extend(ids)
+        if not mask_rows:
+            return None
+        return (_to_device(np.array(mask_rows, dtype=np.int64), device),
+                _to_device(np.array(cols, dtype=np.int64), device))
+
+
+def _gather_padded(token_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray | int, lens: np.ndarray,
+                   pad: int) -> np.ndarray:
+    """(N, max(lens)) int64: ``token_ids[rows[i], starts[i]:starts[i] + lens[i]]`` padded with ``pad``."""
+    max_len = int(lens.max(initial=0))
+    offsets = np.arange(max_len)
+    cols = np.minimum(np.asarray(starts).reshape(-1, 1) + offsets, max(token_ids.shape[1] - 1, 0))
+    out = token_ids[rows[:, None], cols].astype(np.int64) if max_len else np.zeros((len(rows), 0), np.int64)
+    out[offsets >= lens[:, None]] = pad
+    return out
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; through pinned memory on CUDA so the copy is asynchronous."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
