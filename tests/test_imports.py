@@ -15,14 +15,8 @@ from pathlib import Path
 import pagedllm
 
 PACKAGE_DIR = Path(pagedllm.__file__).resolve().parent
-# Being removed by the model runner rewrite (issue 9, part 7: CudaGraphRunner gets explicit
-# dependencies instead of the runner). Drop this exception when that lands.
-KNOWN_PAIRS = {
-    frozenset({"pagedllm.worker.model_runner", "pagedllm.worker.cuda_graphs"}),
-    # Also pending elsewhere (issue 9, part 2: beam search talks to a narrow interface instead of
-    # LLMEngine, which beam_search.py imports under TYPE_CHECKING). Drop when that lands.
-    frozenset({"pagedllm.engine.beam_search", "pagedllm.engine.llm_engine"}),
-}
+# Mutual imports allowed on purpose (none today).
+KNOWN_PAIRS: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path) -> str:
