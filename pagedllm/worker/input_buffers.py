@@ -41,18 +41,21 @@ class StagingBuffers:
             self._fields[name] = (dtype, offset, length)
             sizes[dtype] = offset + -(-length // _ALIGN) * _ALIGN
         self._host = {dtype: torch.zeros(n, dtype=dtype, pin_memory=self.on_gpu) for dtype, n in sizes.items()}
-        self._host_np = {dtype: t.numpy() for dtype, t in self._host.items()}
         self._device = {dtype: t.to(device) if self.on_gpu else t for dtype, t in self._host.items()}
+        # Whole-field views made once: a step slices each at most once (torch slicing costs
+        # microseconds, and a batch-1 decode step's host work is on the critical path).
+        self._host_views = {name: self._host[dtype].numpy()[offset:offset + length]
+                            for name, (dtype, offset, length) in self._fields.items()}
+        self._device_views = {name: self._device[dtype][offset:offset + length]
+                              for name, (dtype, offset, length) in self._fields.items()}
 
     def host(self, name: str) -> np.ndarray:
         """The whole field in the host staging (a numpy view: writes go to the staging)."""
-        dtype, offset, length = self._fields[name]
-        return self._host_np[dtype][offset:offset + length]
+        return self._host_views[name]
 
     def device(self, name: str) -> torch.Tensor:
         """The whole field on the device (a view with a fixed address)."""
-        dtype, offset, length = self._fields[name]
-        return self._device[dtype][offset:offset + length]
+        return self._device_views[name]
 
     def copy_to_device(self, used: dict[str, int]) -> None:
         """Copy, for each dtype, the staging prefix through the last used element (``used``:
@@ -84,12 +87,13 @@ class InputBuffers:
         self._copied = torch.cuda.Event() if self.staging.on_gpu else None
 
     def load(self, batch: FlatBatch, pad_to: int | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+             ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata | None, torch.Tensor]:
         """Copy ``batch`` to the device: (input_ids, positions, metadata, logits_indices).
 
         ``pad_to`` (a CUDA-graph batch size, decode only) pads to that many one-token rows
         that write nowhere (slot -1) and attend to nothing (seq_len 0); the block table then
-        spans its full width, as the captured graph reads it."""
+        spans its full width, as the captured graph reads it. A graph replay reads the
+        buffers it captured, so with ``pad_to`` no metadata is built (None)."""
         n_tok, n_seq = batch.num_tokens, batch.num_reqs
         if n_tok > self.max_num_tokens or n_seq > self.max_num_seqs:
             raise ValueError(f"batch of {n_tok} tokens / {n_seq} sequences exceeds the input buffers "
@@ -122,12 +126,15 @@ class InputBuffers:
                                          "logits_indices": num_logits, "seq_lens": rows,
                                          "query_start_loc": rows + 1, "block_tables": rows * width})
             self._copied.record()
+        logits_indices = self.staging.device("logits_indices")[:num_logits]
+        if pad_to:
+            return None, None, None, logits_indices
         md = self.metadata(rows, n_pad_tok, width, batch.max_query_len, batch.max_seq_len)
         md.num_actual_tokens = n_tok
         md.seq_lens_cpu = batch.seq_lens.tolist()
         md.query_start_loc_cpu = batch.query_start_loc.tolist()
         ids, pos = self.token_views(n_pad_tok)
-        return ids, pos, md, self.staging.device("logits_indices")[:num_logits]
+        return ids, pos, md, logits_indices
 
     def fill_padding(self) -> None:
         """Set every device field to padding: token 0 at position 0, slot -1, seq_len 0, one query each."""

@@ -92,7 +92,8 @@ class ModelRunner:
             # Host work that overlaps the forward: no sync until the sampled ids are read.
             md = self.input_batch.sampling_metadata(batch)
             self._sample(batch, md, hidden[logits_indices], out)
-        if (self.input_batch.sampling.num_prompt_logprobs[batch.rows] >= 0).any():
+        sampling = self.input_batch.sampling
+        if sampling.num_on["num_prompt_logprobs"] and (sampling.num_prompt_logprobs[batch.rows] >= 0).any():
             self._prompt_logprobs(batch, hidden, out)
         return out
 

@@ -115,6 +115,26 @@ class SamplingState:
         # params.all_stop_token_ids after the request was made), or explicit stop ids.
         self.params: list[SamplingParams | None] = [None] * capacity
         self.stop_ids: list[set[int] | None] = [None] * capacity
+        # Per setting: how many occupied rows have it on. A step skips the gather (and the
+        # device copy) of a setting no row uses: most batches are all greedy, no penalties,
+        # no logprobs, and a batch-1 decode step's host work is on the critical path.
+        self.num_on: dict[str, int] = dict.fromkeys(self._ARRAYS, 0)
+        # The value that makes each setting a no-op (temperature: 0.0 = greedy).
+        self._off_values: dict[str, float] = {
+            **dict.fromkeys(self._ARRAYS, 0.0), "top_p": 1.0, "top_k": vocab_size, "repetition_penalties": 1.0,
+            "num_logprobs": -1, "num_prompt_logprobs": -1}
+
+    def _off(self, name: str) -> float:
+        return self._off_values[name]
+
+    def _count(self, row: int, sign: int) -> None:
+        for name in self._ARRAYS:
+            if getattr(self, name)[row] != self._off(name):
+                self.num_on[name] += sign
+
+    def _clear(self, row: int) -> None:
+        for name in self._ARRAYS:
+            getattr(self, name)[row] = self._off(name)
 
     def grow(self, capacity: int) -> None:
         """Enlarge to ``capacity`` rows, keeping every row's settings."""
@@ -129,6 +149,8 @@ class SamplingState:
     def add(self, row: int, params: SamplingParams, generator: torch.Generator | None = None,
             stop_ids: set[int] | None = None) -> None:
         """Fill ``row`` from ``params`` (validated by SamplingParams)."""
+        if self.params[row] is not None:
+            self.remove(row)
         v = self.vocab_size
         self.temperature[row] = 0.0 if params.greedy else params.temperature
         self.top_p[row] = params.top_p
@@ -142,6 +164,7 @@ class SamplingState:
         self.num_prompt_logprobs[row] = -1 if params.prompt_logprobs is None else params.prompt_logprobs
         self.params[row] = params
         self.stop_ids[row] = stop_ids
+        self._count(row, +1)
         if generator is not None:
             self.generators[row] = generator
         else:
@@ -152,6 +175,7 @@ class SamplingState:
         for name in self._ARRAYS:
             arr = getattr(self, name)
             arr[dst] = arr[src]
+        self._clear(src)
         self.params[dst], self.params[src] = self.params[src], None
         self.stop_ids[dst], self.stop_ids[src] = self.stop_ids[src], None
         self.generators.pop(dst, None)
@@ -160,6 +184,9 @@ class SamplingState:
             self.generators[dst] = gen
 
     def remove(self, row: int) -> None:
+        if self.params[row] is not None:
+            self._count(row, -1)
+            self._clear(row)
         self.params[row] = self.stop_ids[row] = None
         self.generators.pop(row, None)
 
@@ -170,35 +197,43 @@ class SamplingState:
         ``token_ids`` (R, W) holds each row's prompt then output tokens, ``num_prompt_tokens``
         and ``num_tokens`` (R,) their lengths; they are read only when a row uses a penalty.
         """
+        on = self.num_on
         temperature = self.temperature[rows]
-        greedy = temperature == 0.0  # add() stores 0.0 for every greedy row
-        random = ~greedy
-        md = SamplingMetadata(temperature=_to_device(temperature, device), all_greedy=bool(greedy.all()),
-                              all_random=not greedy.any(), vocab_size=self.vocab_size)
-        # Filters only matter on rows that sample; greedy rows ignore them.
-        for name, off in (("top_k", lambda a: a < self.vocab_size), ("top_p", lambda a: a < 1.0),
-                          ("min_p", lambda a: a > 0.0)):
-            values = getattr(self, name)[rows]
-            if off(values[random]).any():
-                setattr(md, name, _to_device(values, device))
-        max_logprobs = int(self.num_logprobs[rows].max(initial=-1))
-        md.max_num_logprobs = max_logprobs if max_logprobs >= 0 else None
+        if on["temperature"]:
+            greedy = temperature == 0.0  # add() stores 0.0 for every greedy row
+            all_greedy, all_random = bool(greedy.all()), not greedy.any()
+        else:
+            greedy, all_greedy, all_random = None, True, False
+        md = SamplingMetadata(temperature=_to_device(temperature, device), all_greedy=all_greedy,
+                              all_random=all_random, vocab_size=self.vocab_size)
+        if not all_greedy:  # filters only matter on rows that sample; greedy rows ignore them
+            for name in ("top_k", "top_p", "min_p"):
+                if on[name]:
+                    values = getattr(self, name)[rows]
+                    if (values[~greedy] != self._off(name)).any():
+                        setattr(md, name, _to_device(values, device))
+        if on["num_logprobs"]:
+            max_logprobs = int(self.num_logprobs[rows].max(initial=-1))
+            md.max_num_logprobs = max_logprobs if max_logprobs >= 0 else None
         if self.generators:
             # Several entries of ``rows`` may share a row (several tokens): each draws in turn.
             seeded = np.flatnonzero(np.isin(rows, np.fromiter(self.generators, np.int64)))
             md.generators = {int(i): self.generators[int(rows[i])] for i in seeded}
-        prompt_lens = num_prompt_tokens[rows].astype(np.int64)
-        output_lens = num_tokens[rows].astype(np.int64) - prompt_lens
-        self._penalties(md, rows, token_ids, prompt_lens, output_lens, device)
-        md.min_tokens_mask = self._min_tokens_mask(rows, output_lens, device)
+        if on["presence_penalties"] or on["frequency_penalties"] or on["repetition_penalties"] or on["min_tokens"]:
+            prompt_lens = num_prompt_tokens[rows].astype(np.int64)
+            output_lens = num_tokens[rows].astype(np.int64) - prompt_lens
+            self._penalties(md, rows, token_ids, prompt_lens, output_lens, device)
+            if on["min_tokens"]:
+                md.min_tokens_mask = self._min_tokens_mask(rows, output_lens, device)
         return md
 
     def _penalties(self, md: SamplingMetadata, rows: np.ndarray, token_ids: np.ndarray, prompt_lens: np.ndarray,
                    output_lens: np.ndarray, device: torch.device) -> None:
-        for name, off in (("presence_penalties", 0.0), ("frequency_penalties", 0.0), ("repetition_penalties", 1.0)):
-            values = getattr(self, name)[rows]
-            if (values != off).any():
-                setattr(md, name, _to_device(values, device))
+        for name in ("presence_penalties", "frequency_penalties", "repetition_penalties"):
+            if self.num_on[name]:
+                values = getattr(self, name)[rows]
+                if (values != self._off(name)).any():
+                    setattr(md, name, _to_device(values, device))
         if md.no_penalties:
             return
         v = self.vocab_size

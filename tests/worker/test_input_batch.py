@@ -160,3 +160,31 @@ def test_staging_buffers_lay_out_named_fields() -> None:
     assert staging.device("b").dtype == torch.int32 and staging.device("b").tolist() == [4, 4, 4]
     assert staging.device("c").data_ptr() - staging.device("a").data_ptr() == 16 * 8  # 16-element aligned
     staging.copy_to_device({"a": 5, "c": 2})  # a no-op here
+
+
+def test_settings_no_row_uses_are_skipped_and_counted_through_condense() -> None:
+    """``SamplingState.num_on`` counts the occupied rows using each setting, through add, removal
+    and condensing; a step builds only the tensors some sampling row needs."""
+    from pagedllm.worker.sampling_metadata import SamplingState
+
+    state = SamplingState(4, vocab_size=100)
+    state.add(0, SamplingParams(temperature=0))
+    state.add(1, SamplingParams(temperature=0.8, top_p=0.5, presence_penalty=0.5, logprobs=2))
+    state.add(2, SamplingParams(temperature=0, top_k=5, min_tokens=3, stop_token_ids=[7]))
+    assert state.num_on["temperature"] == 1 and state.num_on["top_p"] == 1 and state.num_on["top_k"] == 1
+    assert state.num_on["presence_penalties"] == 1 and state.num_on["num_logprobs"] == 1
+    tokens, prompt_lens, num_tokens = np.zeros((4, 8), np.int32), np.full(4, 2), np.full(4, 4)
+    md = state.metadata(np.array([0, 2]), tokens, prompt_lens, num_tokens, torch.device("cpu"))
+    # Greedy rows only: no filter (top_k of a greedy row is ignored), no penalty, no logprobs.
+    assert md.all_greedy and md.top_k is None and md.top_p is None and md.presence_penalties is None
+    assert md.max_num_logprobs is None and md.min_tokens_mask is not None  # row 2 is below min_tokens
+    md = state.metadata(np.array([0, 1]), tokens, prompt_lens, num_tokens, torch.device("cpu"))
+    assert md.top_p.tolist() == [1.0, 0.5] and md.presence_penalties.tolist() == [0.0, 0.5]
+    assert md.max_num_logprobs == 2 and not md.all_greedy and not md.all_random
+    state.remove(1)
+    state.move(2, 1)
+    assert state.num_on["temperature"] == 0 and state.num_on["top_p"] == 0
+    assert state.num_on["presence_penalties"] == 0 and state.num_on["top_k"] == 1
+    state.add(2, SamplingParams(temperature=1.0))  # the row left by the move starts clean
+    assert state.num_on["temperature"] == 1 and state.num_on["top_k"] == 1
+    assert state.top_k[1] == 5 and state.min_tokens[1] == 3  # moved with its request
