@@ -3,7 +3,8 @@
 For each request the real server answers it whole and streamed (raw SSE through httpx, so the
 extra ``stop_reason`` field is read as sent). The cases are the ones where a streamed response
 differs in shape from a token-per-chunk one: stop strings (held-back text), a stop token, several
-choices, and multi-byte characters that take more than one token.
+choices, multi-byte characters that take more than one token, and an EOS that generation runs past
+(ignore_eos: a token with no text, so no chunk, yet it counts in usage).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tests.server.sse import post, post_stream
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name one color."}]
-UNICODE_PROMPT = "Translate to Chinese and Japanese: good morning, friend ->"
+UNICODE_PROMPT = "Pizza emoji: 🍕🍕🍕🍕"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,14 @@ def _cases(period_id: int) -> dict[str, dict]:
         "stop_token": dict(max_tokens=12, temperature=0, stop_token_ids=[period_id]),
         "n_with_stop": dict(max_tokens=8, temperature=1.0, seed=3, n=2, stop=["\n"]),
         "unicode": dict(max_tokens=10, temperature=0),
+        "eos_ignored": dict(max_tokens=16, temperature=0, ignore_eos=True),  # the reply's EOS is its 13th token
     }
+
+
+def _chat_prompt_ids(tokenizer) -> list[int]:
+    """MESSAGES through the chat template, as a token-id prompt for /v1/completions."""
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _by_index(chunks: list[dict]) -> dict[int, list[dict]]:
@@ -57,10 +65,11 @@ def _check_stream_matches_whole(whole: dict, chunks: list[dict], text_of) -> Non
 
 
 @pytest.mark.parametrize("case", ["length", "stop_string", "stop_string_included", "stop_token", "n_with_stop",
-                                  "unicode"])
-def test_completion_stream_matches_whole(open_server, period_id, case):
+                                  "unicode", "eos_ignored"])
+def test_completion_stream_matches_whole(open_server, smollm2_tokenizer, period_id, case):
     fields = _cases(period_id)[case]
-    body = {"prompt": UNICODE_PROMPT if case == "unicode" else PROMPT, **fields}
+    prompt = {"unicode": UNICODE_PROMPT, "eos_ignored": _chat_prompt_ids(smollm2_tokenizer)}.get(case, PROMPT)
+    body = {"prompt": prompt, **fields}
     whole = post(open_server, "/v1/completions", body)
     chunks = post_stream(open_server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
     _check_stream_matches_whole(whole, chunks, lambda c, whole=False: c["text"])
@@ -72,7 +81,7 @@ def test_completion_stream_matches_whole(open_server, period_id, case):
         assert whole["choices"][0]["stop_reason"] == period_id
 
 
-@pytest.mark.parametrize("case", ["length", "stop_string", "stop_token", "n_with_stop"])
+@pytest.mark.parametrize("case", ["length", "stop_string", "stop_token", "n_with_stop", "eos_ignored"])
 def test_chat_stream_matches_whole(open_server, period_id, case):
     body = {"messages": MESSAGES, **_cases(period_id)[case]}
     whole = post(open_server, "/v1/chat/completions", body)
