@@ -240,7 +240,13 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_everything(server):
     assert after["pagedllm:kv_cache_usage_perc"] == 0
 
 
-def test_metrics_after_traffic(server):
+def test_metrics_after_traffic(server, client):
+    # Traffic of its own, so the test passes alone and in any order: the same prompt twice (a prefix
+    # cache hit the second time), several tokens each (inter-token latencies), capped by length.
+    long_prompt = PROMPT + " " + " ".join(["and so on"] * 12)  # over one 16-token block
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
     values = _metrics(server)
     assert values["pagedllm:prompt_tokens_total"] > 0 and values["pagedllm:generation_tokens_total"] > 0
     assert values["pagedllm:time_to_first_token_seconds_count"] > 0
