@@ -248,6 +248,10 @@ class InputBatch:
     def append_sampled(self, batch: FlatBatch, sampled: np.ndarray) -> None:
         """Append the tokens sampled for ``batch`` (in ``logits_indices`` order) to their rows."""
         counts = batch.num_sampled_tokens
+        if len(sampled) == len(counts) and counts.max(initial=0) == 1:  # one token each (decode)
+            self.token_ids[batch.rows, self.num_tokens[batch.rows]] = sampled
+            self.num_tokens[batch.rows] += 1
+            return
         rows = np.repeat(batch.rows, counts)
         # Each request's k-th sampled token lands k places after its current end.
         first = np.cumsum(counts) - counts

@@ -57,16 +57,15 @@ class StagingBuffers:
         """The whole field on the device (a view with a fixed address)."""
         return self._device_views[name]
 
-    def copy_to_device(self, used: dict[str, int]) -> None:
-        """Copy, for each dtype, the staging prefix through the last used element (``used``:
-        field -> elements written): one non-blocking copy per dtype. No-op on the CPU."""
+    def copy_to_device(self, *last_fields: tuple[str, int]) -> None:
+        """Copy, for each dtype, the staging prefix through its last field written this step:
+        ``last_fields`` holds one (field, elements written) per dtype, the field that lies
+        furthest into that dtype's staging. One non-blocking copy per dtype; no-op on the CPU."""
         if not self.on_gpu:
             return
-        ends: dict[torch.dtype, int] = {}
-        for name, n in used.items():
+        for name, n in last_fields:
             dtype, offset, _ = self._fields[name]
-            ends[dtype] = max(ends.get(dtype, 0), offset + n)
-        for dtype, end in ends.items():
+            end = offset + n
             self._device[dtype][:end].copy_(self._host[dtype][:end], non_blocking=True)
 
 
@@ -122,9 +121,9 @@ class InputBuffers:
             host("seq_lens")[n_seq:rows] = 0
             qsl[n_seq + 1:] = np.arange(n_tok + 1, n_pad_tok + 1, dtype=np.int32)
         if self._copied is not None:
-            self.staging.copy_to_device({"input_ids": n_pad_tok, "positions": n_pad_tok, "slot_mapping": n_pad_tok,
-                                         "logits_indices": num_logits, "seq_lens": rows,
-                                         "query_start_loc": rows + 1, "block_tables": rows * width})
+            # The fields of each dtype lie in the order declared in __init__.
+            last_i64 = ("logits_indices", num_logits) if num_logits else ("slot_mapping", n_pad_tok)
+            self.staging.copy_to_device(last_i64, ("block_tables", rows * width))
             self._copied.record()
         logits_indices = self.staging.device("logits_indices")[:num_logits]
         if pad_to:

@@ -159,7 +159,7 @@ def test_staging_buffers_lay_out_named_fields() -> None:
     assert staging.device("a").tolist() == [1] * 5 and staging.device("c").tolist() == [7, 8]
     assert staging.device("b").dtype == torch.int32 and staging.device("b").tolist() == [4, 4, 4]
     assert staging.device("c").data_ptr() - staging.device("a").data_ptr() == 16 * 8  # 16-element aligned
-    staging.copy_to_device({"a": 5, "c": 2})  # a no-op here
+    staging.copy_to_device(("c", 2), ("b", 3))  # a no-op here
 
 
 def test_settings_no_row_uses_are_skipped_and_counted_through_condense() -> None:
