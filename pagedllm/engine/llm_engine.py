@@ -56,7 +56,7 @@ class LLMEngine:
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
         self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
-                                        args.device_config())
+                                        args.device_config(), args.parallel_config())
         num_blocks = self.executor.determine_num_blocks()
         num_cpu_blocks = 0
         if self.scheduler_config.preemption_mode == "swap":

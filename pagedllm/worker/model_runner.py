@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -32,13 +33,14 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 device_config: DeviceConfig, device: torch.device) -> None:
+                 device_config: DeviceConfig, device: torch.device, tp_size: int = 1) -> None:
         from pagedllm.loader import load_model
 
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.device = device
+        self.tp_size = tp_size  # this rank holds num_kv_heads / tp_size heads of the KV cache
         self.block_size = cache_config.block_size
         self.attn_backend = get_backend(device_config.attention_backend)
         self.model = load_model(model_config, device, self.attn_backend)
@@ -56,12 +58,17 @@ class ModelRunner:
         self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device)
 
     # ---- KV cache ----------------------------------------------------------
-    def kv_cache_bytes_per_block(self) -> int:
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, tuple[int, ...]]:
+        """(num_layers, the shape of one layer's KV cache on this rank)."""
         from pagedllm.models.registry import kv_cache_shape_info
 
-        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config)
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config, self.tp_size)
+        return num_layers, (num_blocks, 2, self.block_size, num_kv_heads, head_dim)
+
+    def kv_cache_bytes_per_block(self) -> int:
+        num_layers, shape = self.kv_cache_shape(1)
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return num_layers * 2 * self.block_size * num_kv_heads * head_dim * elem
+        return num_layers * math.prod(shape) * elem
 
     def initialize_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.kv_caches = self._alloc_kv(num_blocks)
@@ -211,8 +218,5 @@ class ModelRunner:
         return scratch_bytes
 
     def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
-        from pagedllm.models.registry import kv_cache_shape_info
-
-        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config)
-        shape = (num_blocks, 2, self.block_size, num_kv_heads, head_dim)
+        num_layers, shape = self.kv_cache_shape(num_blocks)
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]

@@ -47,7 +47,8 @@ class Worker:
         self.device = select_device(device_config, local_rank)
         self.memory_profile: dict[str, float] = {}
         torch.manual_seed(model_config.seed)
-        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device)
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device,
+                                        tp_size=self.parallel_config.tensor_parallel_size)
 
     def determine_num_blocks(self) -> int:
         """KV cache blocks that fit: profiled on a GPU, a fixed budget on the CPU."""

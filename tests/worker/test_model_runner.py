@@ -125,3 +125,22 @@ def test_cuda_graph_decode_matches_eager(tmp_path) -> None:
     assert no_replays == 0 and replays >= 20
     assert [len(t) for t in eager] == [24, 8, 16]
     assert graphed == eager
+
+
+def test_kv_cache_shape_is_per_tensor_parallel_rank(tmp_path) -> None:
+    """A rank of a tensor-parallel group holds num_kv_heads / tp_size heads of every KV block."""
+    from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+    from pagedllm.loader import resolve_model
+    from pagedllm.worker.model_runner import ModelRunner
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    config = ModelConfig(model=str(tmp_path), load_format="dummy", dtype="float32")
+    resolve_model(config)
+    args = (config, CacheConfig(block_size=16), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                                                max_model_len=128), DeviceConfig(device="cpu"))
+    whole = ModelRunner(*args, torch.device("cpu"))
+    half = ModelRunner(*args, torch.device("cpu"), tp_size=2)
+    layers, shape = whole.kv_cache_shape(8)
+    assert half.kv_cache_shape(8) == (layers, (8, 2, 16, TINY["num_key_value_heads"] // 2, shape[-1]))
+    assert shape[3] == TINY["num_key_value_heads"]
+    assert 2 * half.kv_cache_bytes_per_block() == whole.kv_cache_bytes_per_block()
