@@ -23,7 +23,10 @@ from pagedllm.core.request import Request
 
 
 class RequestQueue(ABC):
-    """Waiting requests in the order the policy admits them."""
+    """Waiting requests in the order the policy admits them, kept in ``self._queue`` (a sequence in
+    admission order) by each implementation."""
+
+    _queue: deque[Request] | list[Request]
 
     @abstractmethod
     def add(self, request: Request) -> None:
@@ -41,17 +44,17 @@ class RequestQueue(ABC):
     def pop(self) -> Request:
         """Remove and return the request to admit next."""
 
-    @abstractmethod
     def remove(self, request: Request) -> None:
         """Remove a queued request (ValueError if it is not queued)."""
+        self._queue.remove(request)
 
-    @abstractmethod
     def __iter__(self) -> Iterator[Request]:
         """Queued requests in admission order."""
+        return iter(self._queue)
 
-    @abstractmethod
     def __len__(self) -> int:
         """Number of queued requests (also the queue's truth value)."""
+        return len(self._queue)
 
     @staticmethod
     @abstractmethod
@@ -76,15 +79,6 @@ class FCFSRequestQueue(RequestQueue):
 
     def pop(self) -> Request:
         return self._queue.popleft()
-
-    def remove(self, request: Request) -> None:
-        self._queue.remove(request)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
     @staticmethod
     def pick_victim(running: list[Request]) -> Request:
@@ -117,15 +111,6 @@ class PriorityRequestQueue(RequestQueue):
 
     def pop(self) -> Request:
         return self._queue.pop(0)
-
-    def remove(self, request: Request) -> None:
-        self._queue.remove(request)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
     @staticmethod
     def pick_victim(running: list[Request]) -> Request:
