@@ -63,6 +63,9 @@ class FlatBatch:
     logits_indices: np.ndarray  # (sum num_sampled_tokens,) int64: flat token index of each sampled position
     max_query_len: int
     max_seq_len: int
+    # Every request samples exactly one token (every decode step): the per-request bookkeeping
+    # of the sampled tokens takes its short path.
+    one_sample_each: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -232,13 +235,16 @@ class InputBatch:
         seq_lens = (starts + counts).astype(np.int32)
         # A request samples when its chunk reaches its last known token; one token each for now.
         num_sampled = (seq_lens == self.num_tokens[rows]).astype(np.int64)
+        one_each = bool(num_sampled.all())  # 0 or 1 each today
+        logits_indices = (query_start_loc[1:] - 1).astype(np.int64) if one_each else \
+            flat_logits_indices(query_start_loc, num_sampled)
         return FlatBatch(
             req_ids=req_ids, rows=rows, input_ids=self.token_ids[token_rows, positions].astype(np.int64),
             positions=positions, slot_mapping=block_idx * block_size + positions % block_size,
             query_start_loc=query_start_loc, seq_lens=seq_lens,
             block_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
-            num_sampled_tokens=num_sampled, logits_indices=flat_logits_indices(query_start_loc, num_sampled),
-            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()))
+            num_sampled_tokens=num_sampled, logits_indices=logits_indices,
+            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), one_sample_each=one_each)
 
     def sampling_metadata(self, batch: FlatBatch) -> SamplingMetadata:
         """The sampling tensors of ``batch``'s sampled positions, in ``logits_indices`` order."""
@@ -248,7 +254,7 @@ class InputBatch:
     def append_sampled(self, batch: FlatBatch, sampled: np.ndarray) -> None:
         """Append the tokens sampled for ``batch`` (in ``logits_indices`` order) to their rows."""
         counts = batch.num_sampled_tokens
-        if len(sampled) == len(counts) and counts.max(initial=0) == 1:  # one token each (decode)
+        if batch.one_sample_each:
             self.token_ids[batch.rows, self.num_tokens[batch.rows]] = sampled
             self.num_tokens[batch.rows] += 1
             return

@@ -128,6 +128,9 @@ class ModelRunner:
         sampled = result.sampled_token_ids.cpu().numpy()  # the step's one host sync
         self.input_batch.append_sampled(batch, sampled)
         tokens = sampled.tolist()
+        if batch.one_sample_each and result.logprob_token_ids is None:
+            out.sampled_token_ids = [[t] for t in tokens]
+            return
         sampling_reqs = np.flatnonzero(batch.num_sampled_tokens).tolist()
         counts = batch.num_sampled_tokens[sampling_reqs].tolist()
         k = 0

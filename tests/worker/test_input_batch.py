@@ -144,7 +144,7 @@ def test_several_sampled_tokens_per_request() -> None:
     batch = InputBatch(capacity=2, max_model_len=32, max_num_blocks=8, vocab_size=100, device=CPU)
     batch.update_states(_sched(new=[_new("a", [1, 2], [0]), _new("b", [3], [1])]))
     step = batch.prepare({"a": 2, "b": 1}, BS)
-    step.num_sampled_tokens = np.array([2, 1])
+    step.num_sampled_tokens, step.one_sample_each = np.array([2, 1]), False
     batch.append_sampled(step, np.array([20, 21, 30]))
     assert batch.token_ids[0, :4].tolist() == [1, 2, 20, 21] and batch.token_ids[1, :2].tolist() == [3, 30]
     assert batch.num_tokens[:2].tolist() == [4, 2]
