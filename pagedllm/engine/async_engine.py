@@ -196,6 +196,7 @@ class AsyncEngine:
 
     async def run_in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work (encode, chat templates, decode of long texts) off the event loop."""
+        self.check_health()  # after shutdown the pool is gone: a 503, not "cannot schedule new futures"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 

@@ -127,6 +127,8 @@ class EngineLoop:
     def _run_once(self) -> bool:
         """Wait for work, apply pending commands, step once. False once shut down."""
         has_work = self._engine_has_work()
+        if self.dead is not None and self._live:  # marked dead: no step will ever finish these
+            self._fail_all(EngineDeadError(f"the engine stopped: {self.dead!r}"))
         with self._cond:
             if not (self._commands or has_work):
                 self._idle = True
@@ -142,8 +144,6 @@ class EngineLoop:
                     self._commands[:0] = commands[i + 1:]
                 return False
             self._apply(command)
-        if self.dead is not None and self._live:  # marked dead meanwhile: nothing will finish these
-            self._fail_all(EngineDeadError(f"the engine stopped: {self.dead!r}"))
         if self._engine_has_work():
             self._step()
             self.heartbeat = time.monotonic()
