@@ -222,6 +222,7 @@ def test_sigterm_drains_streams_aborts_the_rest_and_exits_0(tmp_path: Path):
         for t in readers:
             t.join(30)
     log = (tmp_path / "server.log").read_text()
+    print(f"\nsigterm: exit {code} after {took:.1f} s; short {short}; long {long_}")
     assert code == 0, log[-3000:]
     assert took < 4 + 3 + 5, f"exit took {took:.1f} s"  # drain timeout + grace + slack
     assert short.get("done") and short.get("finish_reason") == "length", short  # drained to its end
