@@ -167,8 +167,6 @@ class AsyncEngine:
         Raises ``ValueError`` for input the engine rejects, before any output exists.
         """
         self.check_health()
-        if not self._accepting:
-            raise EngineDrainingError("the server is shutting down and accepts no new requests")
         arrival_time = time.monotonic()
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
@@ -178,6 +176,10 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, prompt_text, prompt_token_ids)
         accepted: asyncio.Future[None] = stream.loop.create_future()
         with self._lock:
+            # Checked here, after tokenizing: a request counts as in flight (drained) once registered below,
+            # and one still tokenizing when the drain began is refused rather than run during shutdown.
+            if not self._accepting:
+                raise EngineDrainingError("the server is shutting down and accepts no new requests")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream

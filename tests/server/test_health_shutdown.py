@@ -11,8 +11,6 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import uvicorn
 from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.server.api_server import build_app, make_arg_parser
 from pagedllm.server.lifecycle import LifecycleConfig, PagedServer
-from tests.server.launch import free_port
+from tests.server.launch import free_port, start_server
 from tests.server.toy_engine import ToyEngine
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -132,6 +130,40 @@ def test_engine_death_fails_pending_requests_and_exits_1(exit_on_death: bool):
     assert server.exit_code == (1 if exit_on_death else 0)
 
 
+def test_drain_in_process_finishes_short_aborts_long_and_refuses_new():
+    engine = ToyEngine(max_model_len=512, step_delay=0.02)
+    async_engine = AsyncEngine(engine)
+    lifecycle = LifecycleConfig(shutdown_timeout=0.6)
+    app = build_app(async_engine, "toy-model", lifecycle=lifecycle)
+    port = free_port()
+    server = PagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), async_engine,
+                         lifecycle)
+
+    async def run() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        serving = asyncio.create_task(server.serve())
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            while not server.started:
+                await asyncio.sleep(0.05)
+            short = asyncio.create_task(client.post("/v1/completions", json={**BODY, "max_tokens": 10}))
+            long_ = asyncio.create_task(client.post("/v1/completions", json={**BODY, "max_tokens": 400}))
+            while async_engine.num_in_flight < 2:
+                await asyncio.sleep(0.01)
+            server.handle_exit(signal.SIGTERM, None)
+            refused = await client.post("/v1/completions", json=BODY)
+            results = (await short, await long_, refused)
+        await asyncio.wait_for(serving, 10)
+        return results
+
+    try:
+        short, long_, refused = asyncio.run(run())
+    finally:
+        async_engine.shutdown()
+    assert short.json()["choices"][0]["finish_reason"] == "length"
+    assert long_.json()["choices"][0]["finish_reason"] == "abort"  # 400 steps of 20 ms outlast the 0.6 s drain
+    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert server.exit_code == 0 and not server._captured_signals  # nothing re-raised: the exit stays 0
+
+
 def test_lifecycle_flags():
     args = make_arg_parser().parse_args(["--health-stall-timeout", "5", "--shutdown-timeout", "0",
                                          "--no-exit-on-engine-death"])
@@ -144,27 +176,6 @@ def test_lifecycle_flags():
 
 
 # ---- SIGTERM against the real server ----------------------------------------------------------------------
-def _start_server(log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagedllm.server.api_server", "--port", str(port), "--uvicorn-log-level",
-           "info", "--max-model-len", "512", *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[2])
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    pytest.fail("server did not become healthy")
-
-
 def _stream_reader(base: str, body: dict, result: dict) -> None:
     """Read a whole SSE stream; ``result`` gets the finish reason and whether [DONE] came."""
     try:
@@ -194,7 +205,7 @@ def _stalled_reader(base: str) -> socket.socket:
 
 
 def test_sigterm_drains_streams_aborts_the_rest_and_exits_0(tmp_path: Path):
-    proc, base = _start_server(tmp_path / "server.log", "--shutdown-timeout", "4")
+    proc, base = start_server(tmp_path / "server.log", "--max-model-len", "512", "--shutdown-timeout", "4")
     short, long_ = {}, {}
     readers = [threading.Thread(target=_stream_reader, args=(base, {"prompt": "Hello", "max_tokens": 16,
                                                                     "ignore_eos": True}, short)),
