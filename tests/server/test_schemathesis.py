@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 MAX_TOKENS = 4
-EXAMPLES = {"GET": 3, "POST": 15}
+EXAMPLES = {"GET": 5, "POST": 40}
 
 
 def _bounded(body: Any) -> Any:
