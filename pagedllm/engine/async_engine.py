@@ -62,10 +62,15 @@ if TYPE_CHECKING:
     from pagedllm.config import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineStepError", "RecordListener", "RequestStream"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "EngineStepError", "RecordListener",
+           "RequestStream"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+class EngineDrainingError(EngineDeadError):
+    """The server is shutting down: requests in flight finish, new ones are refused (a 503 like a dead engine)."""
+
 
 # Called with each batch of records, on the thread that receives the engine's messages; must be quick.
 RecordListener = Callable[[list[RequestRecord]], None]
@@ -133,6 +138,7 @@ class AsyncEngine:
         self._pending_adds: dict[str, asyncio.Future[None]] = {}
         self._record_listeners: list[RecordListener] = []
         self._stats: Any = None  # latest EngineStats snapshot (replaced whole, read from any thread)
+        self._accepting = True  # False once draining for shutdown
         # One tokenizer thread: HF fast tokenizers are not safe to call from many threads at once.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer")
         self._loop = EngineLoop(engine, self._on_message)
@@ -170,6 +176,10 @@ class AsyncEngine:
         stream = RequestStream(self, request_id, prompt_text, prompt_token_ids)
         accepted: asyncio.Future[None] = stream.loop.create_future()
         with self._lock:
+            # Checked here, after tokenizing: a request counts as in flight (drained) once registered below,
+            # and one still tokenizing when the drain began is refused rather than run during shutdown.
+            if not self._accepting:
+                raise EngineDrainingError("the server is shutting down and accepts no new requests")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream
@@ -188,6 +198,7 @@ class AsyncEngine:
 
     async def run_in_tokenizer_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run tokenizer work (encode, chat templates, decode of long texts) off the event loop."""
+        self.check_health()  # after shutdown the pool is gone: a 503, not "cannot schedule new futures"
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 
@@ -206,6 +217,31 @@ class AsyncEngine:
     def check_health(self) -> None:
         if self.is_dead:
             raise EngineDeadError(f"the engine stopped: {self._loop.dead!r}")
+
+    def stalled_for(self) -> float:
+        """Seconds the engine loop has had work without completing a step (0 while idle)."""
+        return self._loop.stalled_for()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added (or being added) and not yet ended, as the front end sees them."""
+        return len(self._streams)
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests (EngineDrainingError) from now on; those in flight carry on."""
+        self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def abort_all(self) -> int:
+        """Abort every request in flight (each stream ends with an abort output); returns how many."""
+        with self._lock:
+            ids = list(self._streams)
+        if ids:
+            self._loop.send(AbortRequest(ids))
+        return len(ids)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._loop.send(Shutdown())

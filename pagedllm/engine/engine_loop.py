@@ -7,7 +7,8 @@
         while running:
             apply each command (one dispatch; an error fails that command's requests alone)
             LLMEngine.step()  ─► emit(RequestOutputs), emit(RequestRecords)
-            emit(StatsSnapshot)
+            emit(StatsSnapshot)            (also once a second while idle)
+            heartbeat = now                 (after each step and each idle wait)
 
 It speaks only in the plain messages of ``engine.messages``, to one ``emit``
 callable, so it knows nothing of asyncio and can later run in its own process
@@ -20,6 +21,11 @@ steps back to back without waiting for an event loop. torch releases the GIL
 inside its kernels, so the server keeps serving HTTP while a step runs. No
 command, and no client action, can end the loop: only ``Shutdown`` or a bug in
 the loop itself does, and then every request in flight fails.
+
+The heartbeat lets ``/health`` tell a stuck engine (a step that never returns,
+a GPU hang) from a slow one: ``stalled_for()`` is how long the loop has been
+busy without completing a step; it is 0 while the loop idles. It is one float
+written by the engine thread and read by others, so it costs nothing per step.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# While idle the loop wakes this often to refresh its stats snapshot and heartbeat.
+IDLE_TICK_S = 1.0
+
 
 class EngineDeadError(RuntimeError):
     """The engine can no longer serve requests (its state could not be recovered after an error)."""
@@ -70,6 +79,9 @@ class EngineLoop:
         self._commands: list[EngineCommand] = []  # guarded by _cond
         self._exited = False  # guarded by _cond: commands sent from now on are refused at once
         self.dead: BaseException | None = None
+        # Written by the engine thread only; a float store is atomic, so readers need no lock.
+        self.heartbeat = time.monotonic()  # end of the latest step or idle wait
+        self._idle = True  # waiting for work: no progress is owed
         # Requests added and not ended -> generation tokens reported so far (engine thread only).
         self._live: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
@@ -85,6 +97,12 @@ class EngineLoop:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled_for(self) -> float:
+        """Seconds the loop has been busy since it last made progress; 0 while it idles."""
+        if self._idle:
+            return 0.0
+        return max(time.monotonic() - self.heartbeat, 0.0)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -109,9 +127,16 @@ class EngineLoop:
     def _run_once(self) -> bool:
         """Wait for work, apply pending commands, step once. False once shut down."""
         has_work = self._engine_has_work()
+        if self.dead is not None and self._live:  # marked dead: no step will ever finish these
+            self._fail_all(EngineDeadError(f"the engine stopped: {self.dead!r}"))
         with self._cond:
-            while not (self._commands or has_work):
-                self._cond.wait()
+            if not (self._commands or has_work):
+                self._idle = True
+                self.heartbeat = time.monotonic()
+                # A timeout is an idle tick: no command, no step, only a stats refresh below.
+                self._cond.wait(IDLE_TICK_S)
+                self.heartbeat = time.monotonic()
+            self._idle = False
             commands, self._commands = self._commands, []
         for i, command in enumerate(commands):
             if isinstance(command, Shutdown):
@@ -121,6 +146,7 @@ class EngineLoop:
             self._apply(command)
         if self._engine_has_work():
             self._step()
+            self.heartbeat = time.monotonic()
         self._refresh_stats()
         return True
 

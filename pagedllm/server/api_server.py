@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
+from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, health_problem
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pagedllm.server.serving_chat import OpenAIServingChat
@@ -145,8 +146,9 @@ async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[An
 
 
 def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, lifecycle: LifecycleConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``; each app has its own metrics registry."""
+    lifecycle = lifecycle or LifecycleConfig()
     if served_model_name is None:
         served_model_name = engine.model_config.model or DEFAULT_SERVED_MODEL_NAME
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
@@ -162,10 +164,10 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
 
     @app.get("/health")
     async def health() -> Response:
-        try:
-            engine.check_health()
-        except Exception as e:
-            return to_openai_error(e).to_response()
+        """200, or 503 when the engine is dead, stalled (see --health-stall-timeout) or shutting down."""
+        problem = health_problem(engine, lifecycle.health_stall_timeout)
+        if problem is not None:
+            return OpenAIError(problem, 503, "server_error", code="unhealthy").to_response()
         return Response(status_code=200)
 
     @app.get("/version")
@@ -204,11 +206,38 @@ def make_arg_parser() -> argparse.ArgumentParser:
                         help="require this key on /v1 routes (default: $PAGEDLLM_API_KEY)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
+    # Process life (server/lifecycle.py).
+    parser.add_argument("--health-stall-timeout", type=_positive_float, default=60.0,
+                        help="/health answers 503 once the engine has had work for this many seconds "
+                             "without completing a step (default 60)")
+    parser.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                        help="on SIGTERM, drain requests in flight for at most this many seconds, "
+                             "then abort the rest (default 30)")
+    parser.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death", action="store_false",
+                        help="keep serving 503 when the engine dies instead of exiting with status 1")
     return parser
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def lifecycle_config(args: argparse.Namespace) -> LifecycleConfig:
+    return LifecycleConfig(args.health_stall_timeout, args.shutdown_timeout, args.exit_on_engine_death)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``pagedllm serve``: load the engine, then serve until interrupted."""
+    """``pagedllm serve``: load the engine, serve until SIGTERM (exit 0) or engine death (exit 1)."""
     import uvicorn
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -219,12 +248,17 @@ def main(argv: list[str] | None = None) -> None:
     engine_args = EngineArgs.from_cli_args(args)
     engine = AsyncEngine.from_engine_args(engine_args)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
-    app = build_app(engine, name, args.api_key)
+    lifecycle = lifecycle_config(args)
+    app = build_app(engine, name, args.api_key, lifecycle)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    server = PagedServer(config, engine, lifecycle)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+        server.run()
     finally:
         engine.shutdown()
+    if server.exit_code:
+        sys.exit(server.exit_code)
 
 
 if __name__ == "__main__":

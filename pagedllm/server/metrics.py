@@ -3,7 +3,11 @@
 So an existing vLLM dashboard needs only the prefix changed. Two sources:
 - engine state (requests running / waiting, KV cache usage, cumulative token,
   preemption and prefix-cache counters) is read from the AsyncEngine's latest
-  ``EngineStats`` snapshot at scrape time, by a custom collector;
+  ``EngineStats`` snapshot at scrape time, by a custom collector; the engine
+  loop refreshes that snapshot after every step and once a second while idle,
+  and two gauges read at scrape time need no step at all: requests in flight
+  as the front end counts them, and the engine loop's stall time (seconds busy
+  without progress, what ``/health`` judges);
 - per-request latencies (TTFT, inter-token, per output token, end to end) and
   finished-request counts are observed as requests progress: the AsyncEngine's
   records go through a ``RequestStatsTracker`` (server/request_stats.py), which
@@ -61,6 +65,14 @@ class _EngineStatsCollector(Collector):
         for name, attr, doc in self.GAUGES:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(getattr(stats, attr, 0) or 0))
+            yield family
+        live = (("num_requests_in_flight", "Requests accepted and not ended, counted by the server.",
+                 self.engine.num_in_flight),
+                ("engine_stalled_seconds", "Seconds the engine loop has had work without finishing a step.",
+                 self.engine.stalled_for()))
+        for name, doc, value in live:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(value))
             yield family
         for name, attr, doc in self.COUNTERS:
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])

@@ -21,9 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(log: Path, *args: str, timeout: float = 300) -> Iterator[str]:
-    """`python -m pagedllm.server.api_server --port <free> *args`; yields the base URL once /health is 200."""
+def start_server(log: Path, *args: str, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`python -m pagedllm.server.api_server --port <free> *args`; returns the process and base URL once
+    /health is 200. The caller ends the process (``running_server`` does it for you)."""
     port = free_port()
     cmd = [sys.executable, "-m", "pagedllm.server.api_server", "--port", str(port), "--uvicorn-log-level",
            "warning", *args]
@@ -38,12 +38,23 @@ def running_server(log: Path, *args: str, timeout: float = 300) -> Iterator[str]
                 pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
+                    return proc, base
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"server did not become healthy:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@contextlib.contextmanager
+def running_server(log: Path, *args: str, timeout: float = 300) -> Iterator[str]:
+    """``start_server`` as a context manager: yields the base URL, terminates the server on exit."""
+    proc, base = start_server(log, *args, timeout=timeout)
+    try:
         yield base
     finally:
         proc.terminate()
