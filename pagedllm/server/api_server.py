@@ -154,8 +154,10 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {msg}")
-    if not loc:  # a model-level check (ours), whose message names the field
+    if not loc and first.get("type") == "value_error":  # a model-level check (ours), whose message names the field
         return value_error_to_400(msg)
+    if not loc:  # the body as a whole (not an object, null): no field to name
+        return bad_request(f"request body: {msg}")
     field = loc[0]
     # A union field (prompt, stop) reports one error per alternative: say so instead of the first.
     alternatives = {str(e.get("msg")) for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1]
