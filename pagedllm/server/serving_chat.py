@@ -53,6 +53,7 @@ class OpenAIServingChat(OpenAIServing):
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | SSEStream:
         """Validate, render the chat, add the request, and return the response or the SSE lines."""
+        deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
         self.check_limits(request.n, None, request.stop)
         # The chat template only adds text, so the messages' characters alone can prove the prompt too long.
@@ -65,7 +66,7 @@ class OpenAIServingChat(OpenAIServing):
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
             return SSEStream(self._stream(request, len(prompt_ids), merge_streams(streams), header), streams,
-                             self.limits.request_timeout)
+                             deadline)
         (final,) = await collect_final(streams)
         choices = [
             ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),

@@ -44,6 +44,7 @@ class _Prompt:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEStream:
         """Validate, add the requests, and return the response or (stream=True) the SSE lines."""
+        deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
         prompts = await self._tokenize(request)
         params = [request.to_sampling_params(self.resolve_max_tokens(len(p.token_ids), request.max_tokens))
@@ -53,7 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
             return SSEStream(self._stream(request, prompts, merge_streams(streams), header), streams,
-                             self.limits.request_timeout)
+                             deadline)
         finals = await collect_final(streams)
         choices, usage = [], UsageInfo()
         for prompt, final in zip(prompts, finals, strict=True):

@@ -122,6 +122,11 @@ class OpenAIServing:
         self.limits = limits or ServingLimits()
         self._max_token_chars: int | None = None
 
+    def deadline(self) -> float | None:
+        """When a request that arrives now must end (event-loop time), under --request-timeout."""
+        timeout = self.limits.request_timeout
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
     def check_limits(self, n: int | None, best_of: int | None, stop: str | list[str] | None,
                      num_prompts: int = 1) -> None:
         """400 for a request whose size alone would hold the engine (n, best_of, prompts, stop strings)."""
@@ -240,10 +245,10 @@ class SSEStream:
     """
 
     def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream],
-                 timeout: float | None = None) -> None:
+                 deadline: float | None = None) -> None:
         self.events = events
         self.streams = streams
-        self.deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        self.deadline = deadline  # event-loop time (from ``OpenAIServing.deadline``); None: none
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._run()
