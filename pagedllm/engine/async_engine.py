@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from pagedllm.config import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "EngineStepError", "RecordListener",
-           "RequestStream"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "EngineOverloadedError", "EngineStepError",
+           "RecordListener", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +74,10 @@ class EngineDrainingError(EngineDeadError):
 
 # Called with each batch of records, on the thread that receives the engine's messages; must be quick.
 RecordListener = Callable[[list[RequestRecord]], None]
+
+
+class EngineOverloadedError(RuntimeError):
+    """The admission bound (``max_waiting_requests``) is reached; the server answers 429."""
 
 
 class RequestStream:
@@ -128,8 +132,10 @@ class RequestStream:
 class AsyncEngine:
     """Runs an ``LLMEngine`` in an ``EngineLoop`` and streams its outputs to asyncio consumers."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
+        # Admission bound on requests added and not yet ended (queued or running); None: unbounded.
+        self.max_waiting_requests = max_waiting_requests
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         # Reply channels, keyed by request id; written from event loops, read where messages arrive.
@@ -144,10 +150,10 @@ class AsyncEngine:
         self._loop = EngineLoop(engine, self._on_message)
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncEngine:
+    def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None) -> AsyncEngine:
         from pagedllm.engine.llm_engine import LLMEngine
 
-        return cls(LLMEngine.from_engine_args(args))
+        return cls(LLMEngine.from_engine_args(args), max_waiting_requests)
 
     # ---- public API (event loop) ---------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
@@ -167,6 +173,7 @@ class AsyncEngine:
         Raises ``ValueError`` for input the engine rejects, before any output exists.
         """
         self.check_health()
+        self._check_admission()  # before tokenizing too: a flood must not queue up on the tokenizer thread
         arrival_time = time.monotonic()
         if isinstance(prompt, str):
             prompt_text: str | None = prompt
@@ -182,6 +189,7 @@ class AsyncEngine:
                 raise EngineDrainingError("the server is shutting down and accepts no new requests")
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
+            self._check_admission()
             self._streams[request_id] = stream
             self._pending_adds[request_id] = accepted
         self._loop.send(AddRequest(request_id, prompt_token_ids, params, priority, arrival_time))
@@ -191,6 +199,17 @@ class AsyncEngine:
             stream.abort()  # the add may still happen; the abort command runs after it
             raise
         return stream
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Requests added (or being added) and not ended; O(1), no round trip to the engine thread."""
+        return len(self._streams)
+
+    def _check_admission(self) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and len(self._streams) >= limit:
+            raise EngineOverloadedError(f"The server is at its limit of {limit} unfinished requests "
+                                        "(--max-waiting-requests); retry after a short wait.")
 
     async def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with a ``finish_reason="abort"`` output."""

@@ -12,6 +12,7 @@ validation errors and unknown routes, is answered in OpenAI's shape
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import logging
 import os
@@ -30,14 +31,17 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, health_problem
 from pagedllm.server.metrics import ServerMetrics
+from pagedllm.server.openapi import install_openapi
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from pagedllm.server.serving_chat import OpenAIServingChat
 from pagedllm.server.serving_completion import OpenAIServingCompletion
 from pagedllm.server.serving_engine import (
     OpenAIError,
+    ServingLimits,
     SSEStream,
     bad_request,
     cancel_on_disconnect,
+    request_timeout_error,
     to_openai_error,
     value_error_to_400,
 )
@@ -45,6 +49,8 @@ from pagedllm.server.serving_engine import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 
 
 def pagedllm_version() -> str:
@@ -87,6 +93,58 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: by Content-Length before reading, else as soon as the count passes it.
+
+    The body is read here (at most ``max_bytes`` held) and replayed to the app, so a
+    50 MB upload is refused after 16 MiB, not buffered whole. Pure ASGI, like the key check.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+    def _too_large(self) -> Response:
+        message = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
+        return OpenAIError(message, 413, "invalid_request_error", None, "request_too_large").to_response()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app the body already read, then the client's later messages (disconnect)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     """Pydantic's errors -> one readable 400; no input echo, no pydantic URLs or internals."""
     errors = exc.errors()
@@ -97,8 +155,10 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return bad_request(f"request body is not valid JSON: {msg}")
-    if not loc:  # a model-level check (ours), whose message names the field
+    if not loc and first.get("type") == "value_error":  # a model-level check (ours), whose message names the field
         return value_error_to_400(msg)
+    if not loc:  # the body as a whole (not an object, null): no field to name
+        return bad_request(f"request body: {msg}")
     field = loc[0]
     # A union field (prompt, stop) reports one error per alternative: say so instead of the first.
     alternatives = {str(e.get("msg")) for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1]
@@ -127,13 +187,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _on_unexpected(_: Request, exc: Exception) -> Response:
         return to_openai_error(exc).to_response()
 
+    @app.exception_handler(UnicodeError)
+    async def _on_unicode(_: Request, exc: UnicodeError) -> Response:
+        # A string that slipped past the request models' check (a header, a path): the input, not us.
+        return bad_request(f"invalid Unicode in the request: {exc.reason}").to_response()
 
-async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[Any]]) -> Response:
-    """Run a serving call; JSON for a whole response, SSE for a stream, the error shape for errors."""
+
+async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[Any]],
+                   timeout: float | None = None) -> Response:
+    """Run a serving call; JSON for a whole response, SSE for a stream, the error shape for errors.
+
+    With ``timeout``, a whole response not ready in time is cancelled (which aborts its
+    requests and frees their blocks) and answered 504; a stream enforces it per event.
+    """
 
     async def handle() -> Response:
         try:
-            result = await create()
+            result = await (create() if timeout is None or stream else asyncio.wait_for(create(), timeout))
+        except TimeoutError:
+            return request_timeout_error().to_response()
         except Exception as e:
             return to_openai_error(e).to_response()
         if isinstance(result, SSEStream):
@@ -146,19 +218,25 @@ async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[An
 
 
 def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None,
-              api_key: str | None = None, lifecycle: LifecycleConfig | None = None) -> FastAPI:
+              api_key: str | None = None, lifecycle: LifecycleConfig | None = None,
+              limits: ServingLimits | None = None,
+              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving ``engine``; each app has its own metrics registry."""
     lifecycle = lifecycle or LifecycleConfig()
     if served_model_name is None:
         served_model_name = engine.model_config.model or DEFAULT_SERVED_MODEL_NAME
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
-    completion = OpenAIServingCompletion(engine, names)
-    chat = OpenAIServingChat(engine, names)
+    limits = limits or ServingLimits()
+    completion = OpenAIServingCompletion(engine, names, limits)
+    chat = OpenAIServingChat(engine, names, limits)
     metrics = ServerMetrics(engine, names[0])
 
     app = FastAPI(title="pagedllm", version=pagedllm_version())
     app.state.engine, app.state.metrics = engine, metrics
     _add_error_handlers(app)
+    install_openapi(app)
+    if max_request_body_bytes is not None:  # added before the key check, so it runs after it
+        app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
 
@@ -187,11 +265,13 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
-        return await _respond(raw, bool(request.stream), lambda: completion.create_completion(request))
+        return await _respond(raw, bool(request.stream), lambda: completion.create_completion(request),
+                              limits.request_timeout)
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Response:
-        return await _respond(raw, bool(request.stream), lambda: chat.create_chat_completion(request))
+        return await _respond(raw, bool(request.stream), lambda: chat.create_chat_completion(request),
+                              limits.request_timeout)
 
     return app
 
@@ -215,6 +295,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
                              "then abort the rest (default 30)")
     parser.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death", action="store_false",
                         help="keep serving 503 when the engine dies instead of exiting with status 1")
+    _add_admission_args(parser)
     return parser
 
 
@@ -236,6 +317,38 @@ def lifecycle_config(args: argparse.Namespace) -> LifecycleConfig:
     return LifecycleConfig(args.health_stall_timeout, args.shutdown_timeout, args.exit_on_engine_death)
 
 
+def _add_admission_args(parser: argparse.ArgumentParser) -> None:
+    """Admission control: what one request may ask for, and how many the server holds at once."""
+    d = ServingLimits()
+    group = parser.add_argument_group("admission control")
+    group.add_argument("--max-n", type=_positive_int, default=d.max_n, help="largest n and best_of (400 above)")
+    group.add_argument("--max-prompts-per-request", type=_positive_int, default=d.max_prompts_per_request,
+                       help="most prompts in one /v1/completions request (400 above)")
+    group.add_argument("--max-stop-strings", type=_positive_int, default=d.max_stop_strings)
+    group.add_argument("--max-stop-string-chars", type=_positive_int, default=d.max_stop_string_chars)
+    group.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                       help="unfinished requests held at once; more get 429 with Retry-After")
+    group.add_argument("--max-request-body-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                       help="larger request bodies get 413")
+    group.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds until a request is aborted and answered 504 (default: no deadline)")
+
+
+def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise SystemExit("--request-timeout must be > 0")
+    return ServingLimits(max_n=args.max_n, max_prompts_per_request=args.max_prompts_per_request,
+                         max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+                         request_timeout=args.request_timeout)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     """``pagedllm serve``: load the engine, serve until SIGTERM (exit 0) or engine death (exit 1)."""
     import uvicorn
@@ -246,10 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     args = make_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_args = EngineArgs.from_cli_args(args)
-    engine = AsyncEngine.from_engine_args(engine_args)
+    limits = _limits_from_args(args)
+    engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
     lifecycle = lifecycle_config(args)
-    app = build_app(engine, name, args.api_key, lifecycle)
+    app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
     server = PagedServer(config, engine, lifecycle)

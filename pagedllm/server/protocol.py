@@ -19,6 +19,34 @@ from pagedllm.sampling_params import SamplingParams
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
+    @model_validator(mode="after")
+    def _check_unicode(self) -> RequestModel:
+        # JSON lets "\ud800" through; the tokenizer and the response encoder would fail on it later (a 500).
+        for name, value in self:
+            path = _lone_surrogate(value, name)
+            if path is not None:
+                raise ValueError(f"{path} is not valid Unicode (it contains a lone surrogate)")
+        return self
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path of the first string under ``value`` that cannot be encoded as UTF-8, else None."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, list):
+        items = enumerate(value)
+        return next((p for i, v in items if (p := _lone_surrogate(v, f"{path}[{i}]")) is not None), None)
+    if isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := _lone_surrogate(k, path) or
+                                                       _lone_surrogate(v, f"{path}.{k}")) is not None), None)
+    return None
+
 
 class ResponseModel(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from pagedllm.engine.chat_utils import apply_chat_template
 from pagedllm.outputs import Logprob, RequestOutput
@@ -38,12 +39,25 @@ from pagedllm.server.serving_engine import (
 )
 
 
+def _text_chars(content: Any) -> int:
+    """Characters of a message's text: a string, or the ``text`` of its content parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
+
+
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | SSEStream:
         """Validate, render the chat, add the request, and return the response or the SSE lines."""
+        deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
+        self.check_limits(request.n, None, request.stop)
+        # The chat template only adds text, so the messages' characters alone can prove the prompt too long.
+        self.check_prompt_chars(sum(_text_chars(m.get("content")) for m in request.messages), "messages")
         prompt_ids = await self.engine.run_in_tokenizer_thread(apply_chat_template, self.tokenizer,
                                                                request.messages)
         params = request.to_sampling_params(self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens))
@@ -51,7 +65,8 @@ class OpenAIServingChat(OpenAIServing):
         streams = await self.add_requests(request_id, [prompt_ids], [params], request.priority)
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
-            return SSEStream(self._stream(request, len(prompt_ids), merge_streams(streams), header), streams)
+            return SSEStream(self._stream(request, len(prompt_ids), merge_streams(streams), header), streams,
+                             deadline)
         (final,) = await collect_final(streams)
         choices = [
             ChatChoice(index=c.index, message=ChatMessage(role="assistant", content=c.text),

@@ -44,6 +44,7 @@ class _Prompt:
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | SSEStream:
         """Validate, add the requests, and return the response or (stream=True) the SSE lines."""
+        deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
         prompts = await self._tokenize(request)
         params = [request.to_sampling_params(self.resolve_max_tokens(len(p.token_ids), request.max_tokens))
@@ -52,7 +53,8 @@ class OpenAIServingCompletion(OpenAIServing):
         streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
-            return SSEStream(self._stream(request, prompts, merge_streams(streams), header), streams)
+            return SSEStream(self._stream(request, prompts, merge_streams(streams), header), streams,
+                             deadline)
         finals = await collect_final(streams)
         choices, usage = [], UsageInfo()
         for prompt, final in zip(prompts, finals, strict=True):
@@ -69,7 +71,10 @@ class OpenAIServingCompletion(OpenAIServing):
             raw = [raw]  # one prompt: a string or one list of token ids
         if not raw:
             raise bad_request("prompt must not be empty", "prompt")
+        self.check_limits(request.n, request.best_of, request.stop, len(raw))
         texts = [p for p in raw if isinstance(p, str)]
+        for text in texts:  # before tokenizing: a huge prompt would hold the one tokenizer thread
+            self.check_prompt_chars(len(text), "prompt")
         encoded = iter(await self.engine.run_in_tokenizer_thread(lambda: [self.tokenizer.encode(t) for t in texts]))
         prompts = []
         for p in raw:

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.protocol import ErrorInfo, ErrorResponse
@@ -29,20 +29,34 @@ logger = logging.getLogger(__name__)
 
 # JSON has no -inf; OpenAI-compatible servers clamp logprobs to this floor.
 LOGPROB_FLOOR = -9999.0
+# Seconds a client turned away by the waiting-queue bound is told to wait (Retry-After).
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-request bounds that keep one client from holding the engine (all 400s, naming the field)."""
+
+    max_n: int = 128  # n and best_of: each sample is a sequence in the batch
+    max_prompts_per_request: int = 64
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 1024
+    request_timeout: float | None = None  # seconds until a request is aborted (504); None: no deadline
 
 
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers
 
     def to_response(self) -> JSONResponse:
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
     def to_sse(self) -> str:
         body = ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
@@ -68,8 +82,25 @@ def to_openai_error(error: BaseException) -> OpenAIError:
         return value_error_to_400(str(error))
     if isinstance(error, EngineDeadError):
         return OpenAIError(str(error), 503, "server_error", code="engine_dead")
-    logger.error("request failed", exc_info=error)
-    return OpenAIError(f"internal error: {error!r}", 500, "server_error", code="internal_error")
+    if isinstance(error, EngineOverloadedError):
+        # 429, not 503: the server is healthy, this client should come back shortly (OpenAI's SDK retries both).
+        return OpenAIError(str(error), 429, "server_error", code="too_many_requests",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+    return internal_error(error)
+
+
+def internal_error(error: BaseException) -> OpenAIError:
+    """A 500 that tells the client only an id to quote; the details go to the log under that id."""
+    error_id = random_id("err")
+    logger.error("request failed [%s]", error_id, exc_info=error)
+    return OpenAIError(f"The server had an error while processing your request (request id {error_id}).", 500,
+                       "server_error", code="internal_error", headers={"X-Request-Id": error_id})
+
+
+def request_timeout_error() -> OpenAIError:
+    # 504, not 408: 408 says the client was too slow to send its request; here the server was too slow to answer.
+    return OpenAIError("The request did not finish within the server's --request-timeout and was aborted.", 504,
+                       "server_error", code="request_timeout")
 
 
 def random_id(prefix: str) -> str:
@@ -83,10 +114,58 @@ def clamp_logprob(value: float | None) -> float:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, served_model_names: list[str]) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str],
+                 limits: ServingLimits | None = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.tokenizer = engine.tokenizer
+        self.limits = limits or ServingLimits()
+        self._max_token_chars: int | None = None
+
+    def deadline(self) -> float | None:
+        """When a request that arrives now must end (event-loop time), under --request-timeout."""
+        timeout = self.limits.request_timeout
+        return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    def check_limits(self, n: int | None, best_of: int | None, stop: str | list[str] | None,
+                     num_prompts: int = 1) -> None:
+        """400 for a request whose size alone would hold the engine (n, best_of, prompts, stop strings)."""
+        lim = self.limits
+        for name, value in (("n", n), ("best_of", best_of)):
+            if isinstance(value, int) and value > lim.max_n:
+                raise bad_request(f"{name} must be at most {lim.max_n} (the server's --max-n), got {value}", name)
+        if num_prompts > lim.max_prompts_per_request:
+            raise bad_request(f"prompt holds {num_prompts} prompts; this server takes at most "
+                              f"{lim.max_prompts_per_request} per request (--max-prompts-per-request)", "prompt")
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > lim.max_stop_strings:
+            raise bad_request(f"stop holds {len(stops)} strings; at most {lim.max_stop_strings} are allowed", "stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > lim.max_stop_string_chars:
+            raise bad_request(f"stop strings must be at most {lim.max_stop_string_chars} characters, "
+                              f"got one of {longest}", "stop")
+
+    @property
+    def max_token_chars(self) -> int:
+        """The longest token string in the vocabulary (computed once): a bound on characters per token."""
+        if self._max_token_chars is None:
+            get_vocab = getattr(self.tokenizer, "get_vocab", None)  # none: no bound, the check is skipped
+            vocab = get_vocab() if get_vocab is not None else {}
+            self._max_token_chars = max((len(t) for t in vocab), default=0)
+        return self._max_token_chars
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """400 before tokenizing when the character count alone proves the prompt too long.
+
+        No token covers more than ``max_token_chars`` characters, so a text of more than
+        ``max_model_len * max_token_chars`` characters has more than ``max_model_len`` tokens.
+        (Byte-level tokens are spelled one character per byte, so their length bounds the text's.)
+        """
+        bound = self.max_model_len * self.max_token_chars
+        if self.max_token_chars and num_chars > bound:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                              f"your {param} has {num_chars} characters, more than any text of "
+                              f"{self.max_model_len} tokens can have ({bound}). Please reduce its length.", param)
 
     @property
     def max_model_len(self) -> int:
@@ -153,6 +232,10 @@ def sse(chunk: BaseModel) -> str:
     return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 
+class _DeadlinePassed(Exception):
+    """A stream's --request-timeout ran out (kept apart from TimeoutErrors raised inside the handler)."""
+
+
 class SSEStream:
     """The body of a streamed response: ``events`` then ``data: [DONE]``, an error as an error event.
 
@@ -161,17 +244,34 @@ class SSEStream:
     before the first chunk) runs no ``finally``.
     """
 
-    def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], streams: list[RequestStream],
+                 deadline: float | None = None) -> None:
         self.events = events
         self.streams = streams
+        self.deadline = deadline  # event-loop time (from ``OpenAIServing.deadline``); None: none
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._run()
 
+    async def _next(self) -> str:
+        if self.deadline is None:
+            return await anext(self.events)
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:  # per event, not around the loop: a timeout spanning a yield would cancel the sender instead
+            return await asyncio.wait_for(anext(self.events), max(remaining, 0))
+        except TimeoutError:
+            raise _DeadlinePassed from None
+
     async def _run(self) -> AsyncIterator[str]:
         try:
-            async for event in self.events:
+            while True:
+                try:
+                    event = await self._next()
+                except StopAsyncIteration:
+                    break
                 yield event
+        except _DeadlinePassed:
+            yield request_timeout_error().to_sse()
         except Exception as e:  # the headers are sent: report the error in the stream
             yield to_openai_error(e).to_sse()
         finally:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pagedllm.engine.async_engine import AsyncEngine, EngineStepError
+from pagedllm.engine.async_engine import AsyncEngine, EngineOverloadedError, EngineStepError
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.server.request_stats import RequestStatsTracker, RequestTiming
 from tests.server.toy_engine import ToyEngine, expected_text
@@ -263,3 +263,30 @@ def test_a_request_id_in_flight_cannot_be_added_twice(toy):
         return [out async for out in stream]
 
     assert asyncio.run(run())[-1].outputs[0].text == "bcdef"
+
+
+def test_admission_bound_counts_unfinished_requests_in_the_front_end():
+    """max_waiting_requests=2: a third unfinished request is refused at once; a finished or aborted one frees a slot."""
+    async_engine = AsyncEngine(ToyEngine(step_delay=0.01), max_waiting_requests=2)
+
+    async def main() -> None:
+        long = SamplingParams(max_tokens=40)
+        first = await async_engine.add_request("a", "abc", long)
+        second = await async_engine.add_request("b", "abc", long)
+        assert async_engine.num_unfinished_requests == 2
+        with pytest.raises(EngineOverloadedError, match="--max-waiting-requests"):
+            await async_engine.add_request("c", "abc", long)
+        assert async_engine.num_unfinished_requests == 2  # the refused one left no trace
+        first.abort()
+        for _ in range(500):  # the slot frees when the engine reports the request ended
+            if async_engine.num_unfinished_requests < 2:
+                break
+            await asyncio.sleep(0.01)
+        third = await async_engine.add_request("c", "abc", SamplingParams(max_tokens=2))
+        assert [o async for o in third][-1].outputs[0].text == expected_text("abc", 2)
+        second.abort()
+
+    try:
+        asyncio.run(main())
+    finally:
+        async_engine.shutdown()
