@@ -8,15 +8,18 @@ or an error event at the end of a stream; the request's blocks are freed either 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.server.launch import running_server
+from tests.server.launch import start_server
 
 MAX_MODEL_LEN = 256
 FLAGS = ("--max-model-len", str(MAX_MODEL_LEN), "--max-n", "4", "--max-prompts-per-request", "2",
@@ -27,10 +30,22 @@ SLOW = {"max_tokens": MAX_MODEL_LEN - 8, "n": 4, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
+def server(tmp_path_factory) -> tuple[subprocess.Popen, str]:
     log = tmp_path_factory.mktemp("admission") / "server.log"
-    with running_server(log, *FLAGS) as url:
-        yield url
+    proc, url = start_server(log, *FLAGS)
+    try:
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def base(server: tuple[subprocess.Popen, str]) -> str:
+    return server[1]
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +160,45 @@ def test_request_timeout_ends_a_stream_with_an_error_event(base: str) -> None:
     assert error["code"] == "request_timeout" and error["type"] == "server_error"
     assert len(events) > 2  # some tokens were streamed before the deadline
     wait_idle(base)
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+# The flood's stated memory limit: what 1,200 requests, most of them refused, may leave behind in the server.
+FLOOD_RSS_GROWTH_LIMIT_MIB = 64
+
+
+def test_flood_beyond_the_queue_bound_gets_429s_without_memory_growth(server) -> None:
+    """1,200 requests, 100 at a time, against a bound of 2 unfinished requests: every answer is a
+    200 or a 429 (no 5xx, none lost), the server's memory stays within the stated limit, and it
+    serves normally afterwards."""
+    proc, url = server
+    wait_idle(url)
+    body = {"prompt": "Once upon a time", "max_tokens": 2}
+
+    async def flood() -> list[int]:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=f"{url}/v1", timeout=120, limits=limits) as http:
+            statuses: list[int] = []
+            for _ in range(12):  # 100 at a time over 64 connections: under the listen backlog of any host
+                replies = await asyncio.gather(*(http.post("/completions", json=body) for _ in range(100)))
+                statuses += [r.status_code for r in replies]
+            return statuses
+
+    asyncio.run(flood())  # warm-up: connection and allocator pools reach their steady size
+    wait_idle(url)
+    before = _rss_mib(proc.pid)
+    statuses = asyncio.run(flood())
+    wait_idle(url)
+    growth = _rss_mib(proc.pid) - before
+    assert len(statuses) == 1200 and set(statuses) <= {200, 429}, sorted(set(statuses))
+    assert statuses.count(429) > 0 and statuses.count(200) > 0
+    assert growth < FLOOD_RSS_GROWTH_LIMIT_MIB, f"RSS grew {growth:.1f} MiB over a 1,200-request flood"
+    print(f"flood: 1200 requests, {statuses.count(200)} x 200, {statuses.count(429)} x 429, "
+          f"0 x 5xx, RSS {before:.0f} MiB -> +{growth:.1f} MiB")
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
