@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -214,11 +216,15 @@ def test_each_app_has_its_own_metrics_registry():
     try:
         first, second = build_app(engine, "a"), build_app(engine, "b")
         call(first, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2}, headers={})
-        text_a = call(first, "GET", "/metrics", headers={}).text
+        # The finish record reaches the metrics from the engine thread after the response's last output.
+        expected = ['pagedllm:e2e_request_latency_seconds_count{model_name="a"} 1.0',
+                    'pagedllm:request_success_total{finished_reason="length",model_name="a"} 1.0']
+        deadline = time.monotonic() + 10
+        while not all(line in (text_a := call(first, "GET", "/metrics", headers={}).text) for line in expected):
+            assert time.monotonic() < deadline, text_a
+            time.sleep(0.01)
         text_b = call(second, "GET", "/metrics", headers={}).text
-        assert 'pagedllm:e2e_request_latency_seconds_count{model_name="a"} 1.0' in text_a
         assert 'model_name="b"' in text_b and 'model_name="a"' not in text_b
-        assert 'pagedllm:request_success_total{finished_reason="length",model_name="a"} 1.0' in text_a
     finally:
         engine.shutdown()
 
@@ -242,3 +248,36 @@ def test_cli_parses_serve_options(monkeypatch):
                                          "--no-enable-prefix-caching"])
     assert (args.model_tag, args.port, args.host, args.api_key) == ("some/model.gguf", 9000, "127.0.0.1", "from-env")
     assert args.max_model_len == 512 and args.enable_prefix_caching is False
+
+
+def test_engine_death_fails_the_request_in_flight_and_turns_health_503():
+    """The engine breaks between steps (its has_unfinished_requests raises, as a lost device would): the request
+    in flight ends with a 503 instead of waiting forever, /health answers 503 with the cause, new requests 503."""
+    engine = ToyEngine(step_delay=0.01)
+    engine.step_gate = threading.Event()
+    async_engine = AsyncEngine(engine)
+    app = build_app(async_engine, "toy-model")
+
+    def broken() -> bool:
+        raise RuntimeError("device lost")
+
+    async def in_flight() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 50}))
+            await asyncio.to_thread(engine.step_entered.wait, 5)  # the request is running
+            engine.has_unfinished_requests = broken
+            engine.step_gate.set()
+            return await asyncio.wait_for(task, 10)
+
+    try:
+        assert call(app, "GET", "/health", headers={}).status_code == 200
+        response = asyncio.run(in_flight())
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_dead"
+        health = call(app, "GET", "/health", headers={})
+        assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+        late = call(app, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2}, headers={})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "engine_dead"
+    finally:
+        async_engine.shutdown()
