@@ -105,13 +105,15 @@ def test_chat_whole_and_streamed(served):
     whole = call(app, "POST", "/v1/chat/completions", body).json()
     choice = whole["choices"][0]
     assert whole["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
-    assert choice["message"]["content"] == expected_text("<assistant>", 3)
+    assert choice["message"]["content"] == expected_text("<assistant>", 3) and choice["finish_reason"] == "length"
     assert whole["usage"]["prompt_tokens"] == len("<user>hey<assistant>")
     first = choice["logprobs"]["content"][0]
     assert first["token"] == "?" and first["bytes"] == [63]
     assert [t["token"] for t in first["top_logprobs"]] == ["?", "@"]
 
-    events = sse_events(call(app, "POST", "/v1/chat/completions", {**body, "stream": True}))
+    streamed = call(app, "POST", "/v1/chat/completions", {**body, "stream": True})
+    assert streamed.headers["cache-control"] == "no-cache"  # proxies must pass each event on, not hold them
+    events = sse_events(streamed)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert events[0]["object"] == "chat.completion.chunk"
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
@@ -248,6 +250,21 @@ def test_cli_parses_serve_options(monkeypatch):
                                          "--no-enable-prefix-caching"])
     assert (args.model_tag, args.port, args.host, args.api_key) == ("some/model.gguf", 9000, "127.0.0.1", "from-env")
     assert args.max_model_len == 512 and args.enable_prefix_caching is False
+    assert make_arg_parser().parse_args([]).uvicorn_log_level == "info"
+    assert make_arg_parser().parse_args(["--uvicorn-log-level", "info"]).uvicorn_log_level == "info"
+    with pytest.raises(SystemExit):
+        make_arg_parser().parse_args(["--uvicorn-log-level", "verbose"])
+
+
+def test_priority_and_prompt_logprobs_reach_the_engine(served):
+    engine, _, app = served
+    before = len(engine.added)
+    body = {"prompt": ["ab", "cd"], "max_tokens": 2, "priority": -3, "prompt_logprobs": 2}
+    assert call(app, "POST", "/v1/completions", body).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 2, "priority": 4}
+    assert call(app, "POST", "/v1/chat/completions", chat).status_code == 200
+    added = engine.added[before:]
+    assert [(r.priority, r.params.prompt_logprobs) for r in added] == [(-3, 2), (-3, 2), (4, None)]
 
 
 def test_engine_death_fails_the_request_in_flight_and_turns_health_503():
