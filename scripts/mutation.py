@@ -50,20 +50,32 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20)
     parser.add_argument("--packages", nargs="+", default=list(PACKAGES), choices=list(PACKAGES))
     parser.add_argument("--max-children", type=int, default=2)
+    parser.add_argument("--report", action="store_true", help="only print the last run's results for the sample")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="run again only the sampled mutants that are not killed yet (after adding tests)")
     args = parser.parse_args()
-    generate()
+    if not args.report:
+        generate()
     rng = random.Random(args.seed)
     sample = {}
     for pkg in PACKAGES:  # every package draws, so one package's sample does not depend on --packages
         names = mutant_names(Path(PACKAGES[pkg]))
         sample[pkg] = rng.sample(names, min(args.sample, len(names)))
     chosen = [name for pkg in args.packages for name in sample[pkg]]
-    mutmut = Path(sys.executable).with_name("mutmut")
-    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children), *chosen], check=False)
-    if run.returncode != 0:
-        sys.exit(f"mutmut run failed with exit code {run.returncode}")
+    if args.rerun_survivors:
+        codes = exit_codes()
+        chosen = [name for name in chosen if codes.get(name) not in KILLED]
+    if not args.report and chosen:
+        mutmut = Path(sys.executable).with_name("mutmut")
+        run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children), *chosen], check=False)
+        if run.returncode != 0:
+            sys.exit(f"mutmut run failed with exit code {run.returncode}")
+    report(args.packages, sample)
+
+
+def report(packages: list[str], sample: dict[str, list[str]]) -> None:
     codes = exit_codes()
-    for pkg in args.packages:
+    for pkg in packages:
         survivors = [n for n in sample[pkg] if codes.get(n) not in KILLED]
         killed = len(sample[pkg]) - len(survivors)
         print(f"{pkg}: {killed}/{len(sample[pkg])} killed ({100 * killed / len(sample[pkg]):.0f}%)")
