@@ -78,7 +78,9 @@ def report(packages: list[str], sample: dict[str, list[str]]) -> None:
     for pkg in packages:
         survivors = [n for n in sample[pkg] if codes.get(n) not in KILLED]
         killed = len(sample[pkg]) - len(survivors)
-        print(f"{pkg}: {killed}/{len(sample[pkg])} killed ({100 * killed / len(sample[pkg]):.0f}%)")
+        unchecked = sum(codes.get(n) is None for n in survivors)
+        print(f"{pkg}: {killed}/{len(sample[pkg])} killed ({100 * killed / len(sample[pkg]):.0f}%)"
+              + (f", {unchecked} not run yet" if unchecked else ""))
         for name in survivors:
             print(f"    survived ({codes.get(name)}): {name}")
 
