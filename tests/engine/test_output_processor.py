@@ -109,3 +109,22 @@ def test_sample_logprobs_key_the_sampled_token_with_its_rank_and_the_top_k_with_
         {4: (-0.1, 1), 8: (-3.0, 2)},
     ]
     assert out.cumulative_logprob == pytest.approx(-2.1)
+
+
+def test_beam_ending_on_eos_finishes_with_stop() -> None:
+    sched = FakeScheduler()
+    beams = BeamSearchManager(sched, eos_ids={0}, decode=str)
+    beams.add("g", [1, 2], BeamSearchParams(beam_width=1, max_tokens=3))
+    (root,) = sched.added
+    assert beams.on_update(RequestUpdate(root, [0], LogprobsLists([[0, 0, 5]], [[-0.1, -0.1, -3.0]], [1])))
+    assert beams.advance() == ["g"]
+    (best,) = beams.pop_output("g").sequences
+    assert best.tokens == [1, 2, 0] and best.finish_reason == "stop"
+
+
+def test_beam_search_request_needs_beam_search_params() -> None:
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    # The type check comes first, so no engine is needed to see it.
+    with pytest.raises(ValueError, match="params must be a BeamSearchParams, got SamplingParams"):
+        LLMEngine.add_beam_search_request(None, "r", [1, 2], SamplingParams())
