@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean mutation
 
 install: $(VENV)/.installed
 
@@ -29,5 +29,10 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Mutation testing on a seeded sample of mutants per package (slow, not in CI): see TESTING.md.
+SAMPLE ?= 40
+mutation: install
+	$(PY) scripts/mutation.py --sample $(SAMPLE)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

@@ -247,13 +247,13 @@ class EngineLoop:
         ids = [rid for rid in request_ids if rid in self._live]
         if not ids:
             return
+        self._end(ids, error, "error")  # first: these requests see their own error even if the abort fails
         try:
             if self.dead is None:
                 self.engine.abort_request(ids)
         except Exception as e:  # cannot free the blocks: stop taking requests
             logger.exception("could not abort requests after an engine error")
             self._mark_dead(e)
-        self._end(ids, error, "error")
 
     def _end(self, request_ids: Iterable[str], error: BaseException | None, reason: str) -> None:
         """Tell the front end that these requests (those still live) ended with ``reason``."""
@@ -268,6 +268,8 @@ class EngineLoop:
         if self.dead is None:
             logger.error("the engine is dead: %r", error)
             self.dead = error
+        # No step will run again: the requests in flight would otherwise wait forever.
+        self._end(list(self._live), EngineDeadError(f"the engine stopped: {error!r}"), "error")
 
     def _refresh_stats(self) -> None:
         if self.dead is not None:

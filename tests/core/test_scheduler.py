@@ -518,3 +518,19 @@ def test_prefix_caching_off_records_no_stats_and_shares_nothing():
     assert drv.steps[0].num_scheduled_tokens == {"a": 10, "b": 10}
     stats = sched.kv_cache_manager.stats
     assert (stats.queries, stats.hits) == (0, 0) and not sched.kv_cache_manager.block_pool.cached_blocks
+
+
+def test_prompt_logprobs_of_each_chunk_reach_the_engine_and_stats_report_kv_usage():
+    """A chunk that samples nothing still carries its prompt logprobs out in an update."""
+    from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput
+
+    sched = make_scheduler(budget=8, num_blocks=16)
+    sched.add_request(make_request("a", list(range(100, 112)), max_tokens=2, prompt_logprobs=1))
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"a": 8}
+    chunk_lp = LogprobsLists([[101 + i, 7] for i in range(8)], [[-1.0, -0.5]] * 8, [2] * 8)
+    updates = sched.update_from_output(out, ModelRunnerOutput(["a"], [[]], prompt_logprobs={"a": chunk_lp}))
+    assert [(u.req_id, u.new_token_ids, u.new_prompt_logprobs) for u in updates] == [("a", [], chunk_lp)]
+    stats = sched.stats()
+    used = stats.num_total_blocks - stats.num_free_blocks
+    assert used >= 2 and stats.kv_cache_usage == used / stats.num_total_blocks

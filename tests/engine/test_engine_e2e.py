@@ -117,9 +117,23 @@ def test_greedy_logprobs_rank_one_and_prompt_logprobs(llm: LLM) -> None:
         assert entry[tok].rank == 1
         assert entry[tok].logprob == pytest.approx(max(lp.logprob for lp in entry.values()))
     plp = out.prompt_logprobs
-    assert plp[0] is None and len(plp) == len(out.prompt_token_ids)
-    for tok, entry in zip(out.prompt_token_ids[1:], plp[1:]):
-        assert tok in entry and entry[tok].rank >= 1
+    ids = out.prompt_token_ids
+    assert plp[0] is None and len(plp) == len(ids)
+    # Reference through another path: the prompt logprob at position i (read from one prefill over the whole
+    # prompt) is the sample logprob of the next token after the prefix ids[:i] (the last row of a shorter prefill).
+    prefixes = [ids[:i] for i in range(1, len(ids))]
+    refs = llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1, logprobs=20), use_tqdm=False)
+    for i, (entry, ref_out) in enumerate(zip(plp[1:], refs, strict=True), start=1):
+        ref = ref_out.outputs[0].logprobs[0]  # the top 20 (and the sampled token) after ids[:i]
+        top2 = sorted(ref.items(), key=lambda kv: -kv[1].logprob)[:2]
+        assert set(entry) == {ids[i]} | {tok for tok, _ in top2}, i
+        for tok, lp in top2:
+            assert entry[tok].rank == lp.rank and entry[tok].logprob == pytest.approx(lp.logprob, abs=1e-4)
+        if ids[i] in ref:  # the prompt's own token, if it is within the top 20
+            assert entry[ids[i]].rank == ref[ids[i]].rank
+            assert entry[ids[i]].logprob == pytest.approx(ref[ids[i]].logprob, abs=1e-4)
+        else:
+            assert entry[ids[i]].rank > 20
 
 
 def test_min_tokens_max_tokens_and_token_prompts(llm: LLM) -> None:

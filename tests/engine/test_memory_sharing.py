@@ -117,6 +117,8 @@ def test_beam_search_matches_hf_on_tiny_random_model(tmp_path) -> None:
             ref = hf.generate(torch.tensor([prompt]), num_beams=width, max_new_tokens=12, do_sample=False,
                               eos_token_id=2, pad_token_id=0)[0].tolist()
             assert out.sequences[0].tokens == ref
+            for seq in out.sequences:  # EOS (id 2) ends a beam with "stop"; the rest ran to max_tokens
+                assert seq.finish_reason == ("stop" if seq.tokens[-1] == 2 else "length")
     assert _pool_empty(llm)
 
 

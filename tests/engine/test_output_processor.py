@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pagedllm.core.outputs import LogprobsLists, RequestUpdate
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.engine.beam_search import BeamSearchManager
@@ -84,3 +86,45 @@ def test_beam_search_talks_only_to_its_beam_scheduler() -> None:
     assert [s.tokens for s in out.sequences] == [[1, 2, 9], [1, 2, 8]]
     assert [s.text for s in out.sequences] == ["9", "8"] and out.sequences[0].finish_reason == "length"
     assert sched.finished == [root] == sched.freed and not beams.beam_to_group
+
+
+def test_beam_search_abort_frees_every_beam_of_the_group() -> None:
+    sched = FakeScheduler()
+    beams = BeamSearchManager(sched, eos_ids={0}, decode=str)
+    beams.add("g", [1, 2], BeamSearchParams(beam_width=2, max_tokens=3))
+    (root,) = sched.added
+    assert beams.abort("g") is True and beams.abort("g") is False and beams.abort("unknown") is False
+    assert sched.finished == [root] == sched.freed
+    assert not beams.has_unfinished_groups() and not beams.beam_to_group
+
+
+def test_sample_logprobs_key_the_sampled_token_with_its_rank_and_the_top_k_with_theirs() -> None:
+    proc = OutputProcessor(tokenizer=None)
+    (rid,) = _add(proc, "r", SamplingParams(max_tokens=2, logprobs=2))
+    # The sampled token 9 is ranked 3rd; the top 2 are 4 and 5. Then a step where the sampled token is the top 1.
+    steps = LogprobsLists([[9, 4, 5], [4, 4, 8]], [[-2.0, -0.5, -1.0], [-0.1, -0.1, -3.0]], [3, 1])
+    out = proc.process([RequestUpdate(rid, [9, 4], steps, finish_reason="length")]).request_outputs[0].outputs[0]
+    assert [{t: (lp.logprob, lp.rank) for t, lp in step.items()} for step in out.logprobs] == [
+        {9: (-2.0, 3), 4: (-0.5, 1), 5: (-1.0, 2)},
+        {4: (-0.1, 1), 8: (-3.0, 2)},
+    ]
+    assert out.cumulative_logprob == pytest.approx(-2.1)
+
+
+def test_beam_ending_on_eos_finishes_with_stop() -> None:
+    sched = FakeScheduler()
+    beams = BeamSearchManager(sched, eos_ids={0}, decode=str)
+    beams.add("g", [1, 2], BeamSearchParams(beam_width=1, max_tokens=3))
+    (root,) = sched.added
+    assert beams.on_update(RequestUpdate(root, [0], LogprobsLists([[0, 0, 5]], [[-0.1, -0.1, -3.0]], [1])))
+    assert beams.advance() == ["g"]
+    (best,) = beams.pop_output("g").sequences
+    assert best.tokens == [1, 2, 0] and best.finish_reason == "stop"
+
+
+def test_beam_search_request_needs_beam_search_params() -> None:
+    from pagedllm.engine.llm_engine import LLMEngine
+
+    # The type check comes first, so no engine is needed to see it.
+    with pytest.raises(ValueError, match="params must be a BeamSearchParams, got SamplingParams"):
+        LLMEngine.add_beam_search_request(None, "r", [1, 2], SamplingParams())

@@ -29,8 +29,12 @@ def hf_logits(hf_model, ids):
         return hf_model(torch.tensor([ids])).logits[0]
 
 
-def assert_logits_close(ours, ref):
-    tol = 1e-3 * (ref.max() - ref.min()).item()
+# Observed max |ours - HF| in fp32 on this machine: ~8e-5 on the chat prompts, ~9.7e-4 on the [1, 2, 3] prompt.
+# 2e-3 keeps a 2x margin over the worst case; the old bound, 1e-3 x the logit range (~0.1), let far larger bugs pass.
+LOGIT_ATOL = 2e-3
+
+
+def assert_logits_close(ours, ref, tol: float = LOGIT_ATOL):
     diff = (ours - ref).abs().max().item()
     assert diff <= tol, f"max |ours - HF| = {diff:.3g} > {tol:.3g}"
 

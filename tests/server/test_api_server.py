@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -103,13 +105,15 @@ def test_chat_whole_and_streamed(served):
     whole = call(app, "POST", "/v1/chat/completions", body).json()
     choice = whole["choices"][0]
     assert whole["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
-    assert choice["message"]["content"] == expected_text("<assistant>", 3)
+    assert choice["message"]["content"] == expected_text("<assistant>", 3) and choice["finish_reason"] == "length"
     assert whole["usage"]["prompt_tokens"] == len("<user>hey<assistant>")
     first = choice["logprobs"]["content"][0]
     assert first["token"] == "?" and first["bytes"] == [63]
     assert [t["token"] for t in first["top_logprobs"]] == ["?", "@"]
 
-    events = sse_events(call(app, "POST", "/v1/chat/completions", {**body, "stream": True}))
+    streamed = call(app, "POST", "/v1/chat/completions", {**body, "stream": True})
+    assert streamed.headers["cache-control"] == "no-cache"  # proxies must pass each event on, not hold them
+    events = sse_events(streamed)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert events[0]["object"] == "chat.completion.chunk"
     content = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
@@ -217,11 +221,15 @@ def test_each_app_has_its_own_metrics_registry():
     try:
         first, second = build_app(engine, "a"), build_app(engine, "b")
         call(first, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2}, headers={})
-        text_a = call(first, "GET", "/metrics", headers={}).text
+        # The finish record reaches the metrics from the engine thread after the response's last output.
+        expected = ['pagedllm:e2e_request_latency_seconds_count{model_name="a"} 1.0',
+                    'pagedllm:request_success_total{finished_reason="length",model_name="a"} 1.0']
+        deadline = time.monotonic() + 10
+        while not all(line in (text_a := call(first, "GET", "/metrics", headers={}).text) for line in expected):
+            assert time.monotonic() < deadline, text_a
+            time.sleep(0.01)
         text_b = call(second, "GET", "/metrics", headers={}).text
-        assert 'pagedllm:e2e_request_latency_seconds_count{model_name="a"} 1.0' in text_a
         assert 'model_name="b"' in text_b and 'model_name="a"' not in text_b
-        assert 'pagedllm:request_success_total{finished_reason="length",model_name="a"} 1.0' in text_a
     finally:
         engine.shutdown()
 
@@ -245,3 +253,51 @@ def test_cli_parses_serve_options(monkeypatch):
                                          "--no-enable-prefix-caching"])
     assert (args.model_tag, args.port, args.host, args.api_key) == ("some/model.gguf", 9000, "127.0.0.1", "from-env")
     assert args.max_model_len == 512 and args.enable_prefix_caching is False
+    assert make_arg_parser().parse_args([]).uvicorn_log_level == "info"
+    assert make_arg_parser().parse_args(["--uvicorn-log-level", "info"]).uvicorn_log_level == "info"
+    with pytest.raises(SystemExit):
+        make_arg_parser().parse_args(["--uvicorn-log-level", "verbose"])
+
+
+def test_priority_and_prompt_logprobs_reach_the_engine(served):
+    engine, _, app = served
+    before = len(engine.added)
+    body = {"prompt": ["ab", "cd"], "max_tokens": 2, "priority": -3, "prompt_logprobs": 2}
+    assert call(app, "POST", "/v1/completions", body).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "ab"}], "max_tokens": 2, "priority": 4}
+    assert call(app, "POST", "/v1/chat/completions", chat).status_code == 200
+    added = engine.added[before:]
+    assert [(r.priority, r.params.prompt_logprobs) for r in added] == [(-3, 2), (-3, 2), (4, None)]
+
+
+def test_engine_death_fails_the_request_in_flight_and_turns_health_503():
+    """The engine breaks between steps (its has_unfinished_requests raises, as a lost device would): the request
+    in flight ends with a 503 instead of waiting forever, /health answers 503 with the cause, new requests 503."""
+    engine = ToyEngine(step_delay=0.01)
+    engine.step_gate = threading.Event()
+    async_engine = AsyncEngine(engine)
+    app = build_app(async_engine, "toy-model")
+
+    def broken() -> bool:
+        raise RuntimeError("device lost")
+
+    async def in_flight() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            task = asyncio.create_task(client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 50}))
+            await asyncio.to_thread(engine.step_entered.wait, 5)  # the request is running
+            engine.has_unfinished_requests = broken
+            engine.step_gate.set()
+            return await asyncio.wait_for(task, 10)
+
+    try:
+        assert call(app, "GET", "/health", headers={}).status_code == 200
+        response = asyncio.run(in_flight())
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "engine_dead"
+        health = call(app, "GET", "/health", headers={})
+        assert health.status_code == 503 and "device lost" in health.json()["error"]["message"]
+        late = call(app, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2}, headers={})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "engine_dead"
+    finally:
+        async_engine.shutdown()

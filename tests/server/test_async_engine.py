@@ -290,3 +290,22 @@ def test_admission_bound_counts_unfinished_requests_in_the_front_end():
         asyncio.run(main())
     finally:
         async_engine.shutdown()
+
+
+def test_abort_before_the_first_token_ends_the_stream_finished_and_empty(toy):
+    engine, async_engine = toy
+    engine.step_gate = threading.Event()
+
+    async def run():
+        busy = asyncio.create_task(_collect(async_engine, "z", SamplingParams(max_tokens=2), "busy"))
+        await asyncio.to_thread(engine.step_entered.wait, 5)  # the engine thread is held inside a step
+        task = asyncio.create_task(_collect(async_engine, "a", SamplingParams(max_tokens=5), "early"))
+        await asyncio.sleep(0.1)  # its add is queued behind the step; the abort queues after it
+        await async_engine.abort("early")
+        engine.step_gate.set()
+        await asyncio.wait_for(busy, 5)
+        return await asyncio.wait_for(task, 5)
+
+    outputs = asyncio.run(run())
+    assert len(outputs) == 1 and outputs[0].finished is True and outputs[0].outputs == []
+    assert outputs[0].request_id == "early" and outputs[0].prompt_token_ids == [ord("a")]

@@ -57,6 +57,7 @@ class _Req:
     prompt_ids: list[int]
     params: SamplingParams
     outputs: list[CompletionOutput] = field(default_factory=list)
+    priority: int = 0
 
 
 class ToyEngine:
@@ -69,6 +70,7 @@ class ToyEngine:
         self.step_entered = threading.Event()  # set when a step starts
         self.fail_add_ids: set[str] = set()  # add_request raises RuntimeError (not a ValueError) for these
         self.requests: dict[str, _Req] = {}
+        self.added: list[_Req] = []  # every request ever added, finished ones too (what reached the engine)
         self.aborted: list[str] = []
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.thread_ids: set[int] = set()  # which threads touched the engine: must be exactly one
@@ -92,7 +94,8 @@ class ToyEngine:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")
         outputs = [CompletionOutput(i, "", [], 0.0 if params.logprobs is not None else None,
                                     [] if params.logprobs is not None else None) for i in range(params.n)]
-        self.requests[request_id] = _Req(request_id, ids, params, outputs)
+        self.requests[request_id] = _Req(request_id, ids, params, outputs, priority)
+        self.added.append(self.requests[request_id])
         self.num_prompt_tokens += len(ids)
 
     def step(self) -> list[RequestOutput]:
