@@ -51,14 +51,21 @@ def start_server(log: Path, *args: str, timeout: float = 300) -> tuple[subproces
 
 
 @contextlib.contextmanager
-def running_server(log: Path, *args: str, timeout: float = 300) -> Iterator[str]:
-    """``start_server`` as a context manager: yields the base URL, terminates the server on exit."""
+def server_process(log: Path, *args: str, timeout: float = 300) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``start_server`` as a context manager: yields (process, base URL), terminates the server on exit."""
     proc, base = start_server(log, *args, timeout=timeout)
     try:
-        yield base
+        yield proc, base
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def running_server(log: Path, *args: str, timeout: float = 300) -> Iterator[str]:
+    """``server_process`` yielding only the base URL."""
+    with server_process(log, *args, timeout=timeout) as (_, base):
+        yield base

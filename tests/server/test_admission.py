@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.launch import start_server
+from tests.server.launch import server_process
 
 MAX_MODEL_LEN = 256
 FLAGS = ("--max-model-len", str(MAX_MODEL_LEN), "--max-n", "4", "--max-prompts-per-request", "2",
@@ -32,15 +32,8 @@ SLOW = {"max_tokens": MAX_MODEL_LEN - 8, "n": 4, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> tuple[subprocess.Popen, str]:
     log = tmp_path_factory.mktemp("admission") / "server.log"
-    proc, url = start_server(log, *FLAGS)
-    try:
-        yield proc, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with server_process(log, *FLAGS) as proc_and_url:
+        yield proc_and_url
 
 
 @pytest.fixture(scope="module")
