@@ -6,10 +6,79 @@ raises ``ValueError`` naming the field, so the server can answer HTTP 400.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+# OpenAI's range for logit_bias values.
+_MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM names it: exactly one of the fields is set.
+
+    ``json``: a JSON schema (string or object); ``regex``; ``choice``: the output is one
+    of these strings; ``grammar``: an EBNF grammar (xgrammar / GBNF syntax); ``json_object``:
+    any JSON object. The grammar is built by pagedllm/structured_output when the engine
+    takes the request; a schema or pattern that does not compile is a ValueError there.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(_CONSTRAINTS)}; "
+                             f"got {' and '.join(given) if given else 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        ok = {
+            "json": isinstance(value, dict) or (isinstance(value, str) and value.strip() != ""),
+            "regex": isinstance(value, str) and value != "",
+            "choice": isinstance(value, list) and bool(value) and all(isinstance(c, str) and c for c in value),
+            "grammar": isinstance(value, str) and value.strip() != "",
+            "json_object": value is True,
+        }[kind]
+        if not ok:
+            raise ValueError(f"structured_outputs.{kind} must be {_CONSTRAINTS[kind]}, got {value!r:.200}")
+        if kind == "json" and isinstance(value, str):
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+
+    @property
+    def kind(self) -> str:
+        """The one field that is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A hashable identity of the constraint (the grammar cache's key): equal specs share a grammar."""
+        kind = self.kind
+        value: Any = getattr(self, kind)
+        if kind == "json":
+            value = json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+        elif kind == "choice":
+            value = json.dumps(value)
+        return kind, str(value)
+
+
+_CONSTRAINTS = {
+    "json": "a JSON schema (an object or a string holding one)",
+    "regex": "a non-empty regular expression string",
+    "choice": "a non-empty list of non-empty strings",
+    "grammar": "a non-empty EBNF grammar string",
+    "json_object": "true",
+}
 
 
 @dataclass
@@ -36,6 +105,11 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     # "cumulative": a RequestOutput every step (streaming); "final_only": one when finished (offline LLM).
     output_kind: str = "cumulative"
+    # Constrained decoding (pagedllm/structured_output) and logits-level constraints (the sampler).
+    structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never generated (as token sequences; see resolve_token_constraints)
     # Filled in by the engine, not by users: all token ids that end generation (EOS + extra).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -51,6 +125,8 @@ class SamplingParams:
             self.best_of = self.n
         self._validate()
         self.all_stop_token_ids = set(self.stop_token_ids)
+        # bad_words as token id sequences, set by resolve_token_constraints (it needs the tokenizer).
+        self.bad_words_token_ids: list[list[int]] = []
 
     def _validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -99,6 +175,53 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "must be non-negative integers")
+        self._validate_token_constraints(is_int, is_num)
+
+    def _validate_token_constraints(self, is_int: Any, is_num: Any) -> None:
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {type(so).__name__}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            for t, bias in self.logit_bias.items():
+                if not (is_int(t) and t >= 0):
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+                if not (is_num(bias) and -_MAX_LOGIT_BIAS <= bias <= _MAX_LOGIT_BIAS):
+                    raise ValueError(f"logit_bias[{t}] must be a number in [-100, 100], got {bias!r}")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not (isinstance(ids, (list, tuple)) and ids and all(is_int(t) and t >= 0 for t in ids)):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r:.200}")
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not (isinstance(words, (list, tuple)) and all(isinstance(w, str) and w.strip() for w in words)):
+                raise ValueError(f"bad_words must be a list of non-blank strings, got {words!r:.200}")
+            self.bad_words = list(words)
+
+    def resolve_token_constraints(self, tokenizer: Any, vocab_size: int) -> None:
+        """Check token ids against the vocabulary and tokenize ``bad_words`` (the engine calls this once).
+
+        As in vLLM, each bad word is banned both as written and with a leading space (the
+        two spellings a BPE tokenizer gives a word mid-text): its last token is masked
+        whenever the tokens before it were just generated.
+        """
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or [])):
+            for t in ids:
+                if t >= vocab_size:
+                    raise ValueError(f"{name} contains token id {t}, outside the vocabulary [0, {vocab_size})")
+        if not self.bad_words:
+            return
+        if tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer; the engine runs without one (skip_tokenizer_init)")
+        sequences: list[list[int]] = []
+        for word in self.bad_words:
+            for text in (word, " " + word.lstrip()):
+                ids = list(tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in sequences and all(t < vocab_size for t in ids):
+                    sequences.append(ids)
+        self.bad_words_token_ids = sequences
 
     @property
     def greedy(self) -> bool:
