@@ -32,6 +32,16 @@ class CachedRequestData:
     num_computed_tokens: int
 
 
+# --- structured outputs ---
+@dataclass
+class GrammarBitmask:
+    """The allowed next tokens of the constrained sequences that sample this step (pagedllm/structured_output)."""
+
+    req_ids: list[str]  # bitmask row i belongs to req_ids[i]
+    bitmask: object  # (len(req_ids), ceil(vocab_size / 32)) int32 numpy array; bit j of a row: token j allowed
+# --- end structured outputs ---
+
+
 @dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]
@@ -45,6 +55,7 @@ class SchedulerOutput:
     # Swap preemption, done before the copies: (gpu, cpu) pairs out, then (cpu, gpu) pairs in.
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    grammar_bitmask: GrammarBitmask | None = None  # structured outputs: set by the engine after schedule()
 
     @property
     def is_empty(self) -> bool:

@@ -20,14 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.core.outputs import RequestUpdate
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
 from pagedllm.engine.output_processor import OutputProcessor, RequestState
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
+from pagedllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
+
+# Longest wait for a grammar to compile when the engine has nothing else to run (structured outputs).
+_GRAMMAR_WAIT_S = 0.01
 
 
 @dataclass
@@ -71,6 +76,9 @@ class LLMEngine:
         self.all_eos_ids = self.extra_eos_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_search = BeamSearchManager(self.scheduler, self.all_eos_ids, self._decode_beam)
+        # --- structured outputs: grammars, matchers and the step's bitmask (xgrammar loads on first use) ---
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.all_eos_ids,
+                                                         self.scheduler_config.max_num_seqs)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -84,18 +92,26 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
+        params.resolve_token_constraints(self.tokenizer, self.vocab_size)  # --- structured outputs
         arrival_time = arrival_time if arrival_time is not None else time.time()
         samples = [(request_id if params.best_of == 1 else f"{i}_{request_id}", self._child_params(params, i))
                    for i in range(params.best_of)]
         added: list[str] = []
         try:
+            if params.structured_outputs is not None:  # --- structured outputs: compile off the loop, hold
+                self.structured_output.add_request(request_id, params.structured_outputs)
             for req_id, child_params in samples:
                 req = Request(req_id, prompt_ids, child_params, self.eos_token_id, arrival_time, priority)
                 # Samples after the first share its prompt KV (fork) instead of recomputing it.
-                self.scheduler.add_request(req, fork_from=added[0] if added else None)
+                if self.structured_output.is_held(request_id):  # --- structured outputs
+                    req.max_tokens = self.scheduler.check_length(req.num_prompt_tokens, req.max_tokens)
+                    self.structured_output.hold(request_id, req, added[0] if added else None)
+                else:
+                    self.scheduler.add_request(req, fork_from=added[0] if added else None)
                 added.append(req_id)
             self.output_processor.add_request(request_id, prompt_text, prompt_ids, params, arrival_time, samples)
         except Exception:  # all or nothing: no sequence stays in the scheduler
+            self.structured_output.abort(request_id)  # --- structured outputs
             self.scheduler.finish_requests(added, RequestStatus.FINISHED_ABORTED)
             for rid in added:
                 self.scheduler.free_finished(rid)
@@ -157,6 +173,8 @@ class LLMEngine:
             ids = self.output_processor.abort_request(rid)
             if ids is None:
                 continue
+            self.structured_output.abort(rid)  # --- structured outputs
+            self.structured_output.free(ids)
             self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
             for sid in ids:
                 self.scheduler.free_finished(sid)
@@ -169,11 +187,17 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._release_grammar_requests()  # --- structured outputs
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
+        if sched_out.is_empty and not failed:
+            self.structured_output.wait(_GRAMMAR_WAIT_S)  # --- structured outputs: no busy spin while compiling
             return []
+        sched_out.grammar_bitmask = self.structured_output.grammar_bitmask(  # --- structured outputs
+            sched_out.num_scheduled_tokens, self.scheduler.requests)
         runner_out = self.executor.execute_model(sched_out)
         updates = self.scheduler.update_from_output(sched_out, runner_out)
+        self.structured_output.accept(updates)  # --- structured outputs
+        updates += failed
         if self.beam_search.groups:  # beams' updates go to the beam search, the rest to the user
             updates = [u for u in updates if not self.beam_search.on_update(u)]
         processed = self.output_processor.process(updates)
@@ -181,8 +205,18 @@ class LLMEngine:
             self.scheduler.finish_requests(processed.stopped_req_ids, RequestStatus.FINISHED_STOPPED)
         for req_id in processed.finished_req_ids:
             self.scheduler.free_finished(req_id)
+        self.structured_output.free(processed.finished_req_ids)  # --- structured outputs
         self.beam_search.advance()
         return processed.request_outputs
+
+    # --- structured outputs ---
+    def _release_grammar_requests(self) -> list[RequestUpdate]:
+        """Hand sequences whose grammar compiled to the scheduler; those whose grammar failed end as aborted."""
+        ready, failed = self.structured_output.release()
+        for req, fork_from in ready:
+            self.scheduler.add_request(req, fork_from=fork_from)
+        return [RequestUpdate(seq_id, [], finish_reason="abort") for seq_id in failed]
+    # --- end structured outputs ---
 
     def _decode_beam(self, token_ids: list[int]) -> str | None:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None

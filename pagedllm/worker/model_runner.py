@@ -98,6 +98,7 @@ class ModelRunner:
         if len(batch.logits_indices):
             # Host work that overlaps the forward: no sync until the sampled ids are read.
             md = self.input_batch.sampling_metadata(batch)
+            md.add_grammar_bitmask(sched.grammar_bitmask, batch.req_ids, batch.num_sampled_tokens)  # structured outputs
             self._sample(batch, md, hidden[logits_indices], out)
         sampling = self.input_batch.sampling
         if sampling.num_on["num_prompt_logprobs"] and (sampling.num_prompt_logprobs[batch.rows] >= 0).any():

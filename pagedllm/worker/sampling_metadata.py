@@ -10,8 +10,12 @@ input of the sampler (models/layers/sampler.py):
     rows that sample this step (N,) ─► metadata() ─► SamplingMetadata (N,) tensors
 
 SamplingParams validated every field when the request was made; nothing here checks
-them again. Penalties need the token histories, which are gathered only on steps
-where some sampling row uses a penalty.
+them again. Token constraints (logit_bias, allowed_token_ids, bad_words) are rare, so
+they live in a dict of the rows that have one and cost nothing when it is empty; the
+grammar bitmask of constrained sequences comes from the engine with the step
+(``SchedulerOutput.grammar_bitmask``) and is placed at the logits rows here.
+Penalties need the token histories, which are gathered only on steps where some
+sampling row uses a penalty.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedllm.core.outputs import GrammarBitmask
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -47,6 +52,30 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None = None  # (N, max_prompt_len) int64, padded with V
     # (row ids, token ids), both (M,) int64: logits to set to -inf for min_tokens.
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Token constraints. allowed_token_mask: (row ids (K,), mask (K, V) bool, True = may be sampled).
+    allowed_token_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    bad_words_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (row ids, token ids) (M,): -inf
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (row ids, token ids, bias) (M,)
+    # Structured outputs: (N, ceil(V / 32)) int32, bit j of row i = token j allowed; only grammar_rows are masked.
+    grammar_bitmask: torch.Tensor | None = None
+    grammar_rows: list[int] | None = None
+
+    def add_grammar_bitmask(self, grammar: GrammarBitmask | None, req_ids: list[str],
+                            num_sampled_tokens: np.ndarray) -> None:
+        """Place the engine's bitmask rows (by request id) at this step's logits rows (in ``req_ids`` order)."""
+        if grammar is None:
+            return
+        last_row = np.cumsum(num_sampled_tokens) - 1  # the logits row of each request's (last) sampled token
+        row_of = {req_id: int(last_row[i]) for i, req_id in enumerate(req_ids) if num_sampled_tokens[i] > 0}
+        present = [i for i, req_id in enumerate(grammar.req_ids) if req_id in row_of]
+        if not present:
+            return
+        rows = [row_of[grammar.req_ids[i]] for i in present]
+        bitmask = np.asarray(grammar.bitmask)
+        full = np.full((self.num_rows, bitmask.shape[1]), -1, dtype=np.int32)  # -1: every token allowed
+        full[rows] = bitmask[present]
+        self.grammar_bitmask = _to_device(full, self.temperature.device)
+        self.grammar_rows = rows
 
     @property
     def num_rows(self) -> int:
@@ -115,6 +144,8 @@ class SamplingState:
         # params.all_stop_token_ids after the request was made), or explicit stop ids.
         self.params: list[SamplingParams | None] = [None] * capacity
         self.stop_ids: list[set[int] | None] = [None] * capacity
+        # Rows with logit_bias, allowed_token_ids or bad_words: most batches have none.
+        self.token_rules: dict[int, _TokenRules] = {}
         # Per setting: how many occupied rows have it on. A step skips the gather (and the
         # device copy) of a setting no row uses: most batches are all greedy, no penalties,
         # no logprobs, and a batch-1 decode step's host work is on the critical path.
@@ -165,6 +196,9 @@ class SamplingState:
         self.params[row] = params
         self.stop_ids[row] = stop_ids
         self._count(row, +1)
+        rules = _TokenRules.of(params, v)
+        if rules is not None:
+            self.token_rules[row] = rules
         if generator is not None:
             self.generators[row] = generator
         else:
@@ -178,6 +212,10 @@ class SamplingState:
         self._clear(src)
         self.params[dst], self.params[src] = self.params[src], None
         self.stop_ids[dst], self.stop_ids[src] = self.stop_ids[src], None
+        self.token_rules.pop(dst, None)
+        rules = self.token_rules.pop(src, None)
+        if rules is not None:
+            self.token_rules[dst] = rules
         self.generators.pop(dst, None)
         gen = self.generators.pop(src, None)
         if gen is not None:
@@ -188,6 +226,7 @@ class SamplingState:
             self._count(row, -1)
             self._clear(row)
         self.params[row] = self.stop_ids[row] = None
+        self.token_rules.pop(row, None)
         self.generators.pop(row, None)
 
     def metadata(self, rows: np.ndarray, token_ids: np.ndarray, num_prompt_tokens: np.ndarray,
@@ -225,7 +264,42 @@ class SamplingState:
             self._penalties(md, rows, token_ids, prompt_lens, output_lens, device)
             if on["min_tokens"]:
                 md.min_tokens_mask = self._min_tokens_mask(rows, output_lens, device)
+        if self.token_rules:
+            self._token_rules(md, rows, token_ids, num_prompt_tokens, num_tokens, device)
         return md
+
+    def _token_rules(self, md: SamplingMetadata, rows: np.ndarray, token_ids: np.ndarray,
+                     num_prompt_tokens: np.ndarray, num_tokens: np.ndarray, device: torch.device) -> None:
+        """logit_bias, allowed_token_ids and bad_words of the sampling rows that have them."""
+        allowed_rows: list[int] = []
+        allowed_masks: list[np.ndarray] = []
+        bias_rows, bias_ids, bias_values, bad_rows, bad_ids = [], [], [], [], []
+        for i, row in enumerate(rows.tolist()):
+            rules = self.token_rules.get(row)
+            if rules is None:
+                continue
+            if rules.allowed_mask is not None:
+                allowed_rows.append(i)
+                allowed_masks.append(rules.allowed_mask)
+            if rules.bias_ids is not None:
+                bias_rows.extend([i] * len(rules.bias_ids))
+                bias_ids.extend(rules.bias_ids)
+                bias_values.extend(rules.bias_values)
+            if rules.bad_words:
+                output = token_ids[row, num_prompt_tokens[row]:num_tokens[row]].tolist()
+                banned = rules.banned_next(output)
+                bad_rows.extend([i] * len(banned))
+                bad_ids.extend(banned)
+        if allowed_rows:
+            md.allowed_token_mask = (_to_device(np.array(allowed_rows, np.int64), device),
+                                     _to_device(np.stack(allowed_masks), device))
+        if bias_rows:
+            md.logit_bias = (_to_device(np.array(bias_rows, np.int64), device),
+                             _to_device(np.array(bias_ids, np.int64), device),
+                             _to_device(np.array(bias_values, np.float32), device))
+        if bad_rows:
+            md.bad_words_mask = (_to_device(np.array(bad_rows, np.int64), device),
+                                 _to_device(np.array(bad_ids, np.int64), device))
 
     def _penalties(self, md: SamplingMetadata, rows: np.ndarray, token_ids: np.ndarray, prompt_lens: np.ndarray,
                    output_lens: np.ndarray, device: torch.device) -> None:
@@ -262,6 +336,37 @@ class SamplingState:
             return None
         return (_to_device(np.array(mask_rows, dtype=np.int64), device),
                 _to_device(np.array(cols, dtype=np.int64), device))
+
+
+@dataclass
+class _TokenRules:
+    """One row's token constraints, prepared once when the request joins the batch."""
+
+    allowed_mask: np.ndarray | None  # (V,) bool
+    bias_ids: list[int] | None
+    bias_values: list[float] | None
+    bad_words: list[list[int]]  # token id sequences
+
+    @classmethod
+    def of(cls, params: SamplingParams, vocab_size: int) -> _TokenRules | None:
+        bad_words = getattr(params, "bad_words_token_ids", [])
+        if params.logit_bias is None and params.allowed_token_ids is None and not bad_words:
+            return None
+        allowed = None
+        if params.allowed_token_ids is not None:
+            allowed = np.zeros(vocab_size, dtype=bool)
+            allowed[[t for t in params.allowed_token_ids if t < vocab_size]] = True
+        bias = {t: b for t, b in (params.logit_bias or {}).items() if t < vocab_size}
+        return cls(allowed, list(bias) or None, list(bias.values()) or None, bad_words)
+
+    def banned_next(self, output: list[int]) -> list[int]:
+        """Last tokens of the bad words whose other tokens the output just ended with."""
+        banned = []
+        for word in self.bad_words:
+            prefix = word[:-1]
+            if not prefix or output[len(output) - len(prefix):] == prefix:
+                banned.append(word[-1])
+        return banned
 
 
 def _gather_padded(token_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray | int, lens: np.ndarray,

@@ -6,10 +6,12 @@ the logits processors, the random draw and the logprobs. Its input, the per-step
 the persistent batch's per-row sampling state.
 It follows vLLM v1's sampler, in this order::
 
-    logits (N, V) ──► raw logprobs (log_softmax, only if requested)
-        │
+    logits (N, V) ──► grammar bitmask (structured outputs: in place, constrained rows only)
+        ├─► raw logprobs (log_softmax, only if requested)
+        ├─► allowed_token_ids, bad_words (-inf outside / on them)
         ├─► penalties (repetition on prompt+output, presence/frequency on output)
         ├─► min_tokens mask (stop/EOS ids -> -inf until min_tokens is reached)
+        ├─► logit_bias (added)
         ├─► greedy argmax ─────────────────────────────────────────┐
         ├─► temperature ─► min_p ─► top_k ─► top_p ─► random draw ──┤ where(greedy)
         ▼                                                          ▼
@@ -54,20 +56,28 @@ class SamplerOutput:
 class Sampler(nn.Module):
     """Samples one token per row; see the module docstring for the order of operations.
 
-    ``logits`` is not modified. Logprobs come from the raw logits (before
-    penalties and temperature), as vLLM v1 reports them by default.
+    ``logits`` is modified only by the grammar bitmask, in place on the constrained rows
+    (the caller's logits are the step's scratch; a copy of (N, V) would cost more than the
+    mask). Logprobs come from the logits before penalties and temperature, after the
+    grammar (as in vLLM v1, where the bitmask is applied before the sampler).
     """
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         # logits: (N, V)
         logits = logits.float()
+        if md.grammar_bitmask is not None:
+            apply_grammar_bitmask(logits, md.grammar_bitmask, md.grammar_rows)
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
 
+        logits = apply_token_constraints(logits, md)
         if not md.no_penalties:
             logits = apply_penalties(logits, md)
         if md.min_tokens_mask is not None:
             # Out-of-place: the caller's logits stay untouched.
             logits = logits.index_put(md.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
+        if md.logit_bias is not None:
+            rows, ids, bias = md.logit_bias
+            logits = logits.index_put((rows, ids), bias, accumulate=True)
 
         sampled = self._sample(logits, md)
         out = SamplerOutput(sampled_token_ids=sampled)
@@ -92,6 +102,27 @@ class Sampler(nn.Module):
         if greedy is None:
             return sampled
         return torch.where(is_greedy, greedy, sampled)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: -inf on the tokens each constrained row's grammar forbids, in one xgrammar op."""
+    import xgrammar as xgr  # only constrained batches get here: others never import it
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+
+
+def apply_token_constraints(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """allowed_token_ids (-inf outside the list) and bad_words (-inf on a word's next token); out of place."""
+    if md.allowed_token_mask is None and md.bad_words_mask is None:
+        return logits
+    logits = logits.clone()
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    if md.allowed_token_mask is not None:
+        rows, allowed = md.allowed_token_mask  # (K,), (K, V)
+        logits[rows] = torch.where(allowed, logits[rows], neg_inf)
+    if md.bad_words_mask is not None:
+        logits.index_put_(md.bad_words_mask, neg_inf)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
