@@ -115,13 +115,21 @@ class _SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     priority: int = 0
+    # --- structured outputs and token constraints (issue 16); mapped by serving_engine.constraint_fields ---
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    structured_outputs: dict[str, Any] | None = None  # vLLM: json, regex, choice, grammar, json_object
+    guided_json: str | dict[str, Any] | None = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # --- end structured outputs ---
 
     @model_validator(mode="after")
     def _check_common(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
 
     def _sampling_kwargs(self) -> dict[str, Any]:
@@ -222,8 +230,6 @@ class ChatCompletionRequest(_SamplingFields):
                 raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
         if self.tools:
             raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
         return self
 
     @property

@@ -36,6 +36,7 @@ from pagedllm.server.serving_engine import (
     merge_streams,
     random_id,
     sse,
+    with_constraints,
 )
 
 
@@ -61,6 +62,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = await self.engine.run_in_tokenizer_thread(apply_chat_template, self.tokenizer,
                                                                request.messages)
         params = request.to_sampling_params(self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens))
+        params = with_constraints(request, params)  # structured outputs
         request_id = random_id("chatcmpl")
         streams = await self.add_requests(request_id, [prompt_ids], [params], request.priority)
         header = dict(id=request_id, created=int(time.time()), model=model_name)

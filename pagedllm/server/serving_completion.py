@@ -30,6 +30,7 @@ from pagedllm.server.serving_engine import (
     merge_streams,
     random_id,
     sse,
+    with_constraints,
 )
 
 StepLogprobs = dict[int, Logprob] | None
@@ -47,7 +48,8 @@ class OpenAIServingCompletion(OpenAIServing):
         deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
         prompts = await self._tokenize(request)
-        params = [request.to_sampling_params(self.resolve_max_tokens(len(p.token_ids), request.max_tokens))
+        params = [with_constraints(request, request.to_sampling_params(  # structured outputs
+            self.resolve_max_tokens(len(p.token_ids), request.max_tokens)))
                   for p in prompts]  # one SamplingParams per request: the engine fills in fields of its own
         request_id = random_id("cmpl")
         streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)

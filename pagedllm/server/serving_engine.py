@@ -383,3 +383,94 @@ async def cancel_on_disconnect(request: Request, handler: Awaitable[Response]) -
         handler_task.cancel()
         return Response(status_code=499)  # nobody reads it: the client is gone
     return handler_task.result()
+
+
+# --- structured outputs and token constraints (issue 16) ---
+# Imports local to this block keep the merge with the other server changes to this one place.
+_GUIDED_ALIASES = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                   "guided_grammar": "grammar"}
+
+
+def with_constraints(request: Any, params: SamplingParams) -> SamplingParams:
+    """``params`` plus the request's response_format / structured_outputs / guided_* / logit_bias /
+    allowed_token_ids / bad_words (a 400 naming the field when one is malformed or cannot compile)."""
+    import dataclasses
+
+    fields = constraint_fields(request)
+    if not fields:
+        return params
+    try:
+        return dataclasses.replace(params, **fields)
+    except ValueError as e:
+        raise value_error_to_400(str(e)) from None
+
+
+def constraint_fields(request: Any) -> dict[str, Any]:
+    """The SamplingParams fields these request fields map to (only those the request set)."""
+    fields: dict[str, Any] = {}
+    spec = _structured_outputs_spec(request)
+    if spec is not None:
+        fields["structured_outputs"] = spec
+    if request.logit_bias:
+        bias = {}
+        for key, value in request.logit_bias.items():
+            if not key.lstrip("-").isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            bias[int(key)] = value
+        fields["logit_bias"] = bias
+    if request.allowed_token_ids is not None:
+        fields["allowed_token_ids"] = request.allowed_token_ids
+    if request.bad_words:
+        fields["bad_words"] = request.bad_words
+    return fields
+
+
+def _structured_outputs_spec(request: Any) -> Any:
+    """The one StructuredOutputsParams the request asks for (None: unconstrained), parsed to catch bad specs."""
+    from pagedllm.sampling_params import StructuredOutputsParams
+    from pagedllm.structured_output.backend import parse_grammar
+
+    sources: list[tuple[str, dict[str, Any]]] = []  # (field the client sent, StructuredOutputsParams kwargs)
+    rf = request.response_format
+    if rf is not None and rf.get("type", "text") != "text":
+        sources.append(_response_format_spec(rf))
+    if request.structured_outputs is not None:
+        sources.append(("structured_outputs", request.structured_outputs))
+    for name, kind in _GUIDED_ALIASES.items():
+        if getattr(request, name) is not None:
+            sources.append((name, {kind: getattr(request, name)}))
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = " and ".join(name for name, _ in sources)
+        raise bad_request(f"only one output constraint may be given, got {names}", sources[1][0])
+    field_name, kwargs = sources[0]
+    unknown = sorted(set(kwargs) - {"json", "regex", "choice", "grammar", "json_object"})
+    if unknown:
+        raise bad_request(f"{field_name}.{unknown[0]} is not supported (supported: json, regex, choice, grammar, "
+                          "json_object)", field_name)
+    try:
+        spec = StructuredOutputsParams(**kwargs)
+        parse_grammar(spec)  # fast and tokenizer-free: the 400 names the field the client used
+    except ValueError as e:
+        message = str(e)
+        if field_name != "structured_outputs":
+            message = message.replace(f"structured_outputs.{next(iter(kwargs), '')}", field_name)
+            message = message.replace("structured_outputs", field_name)
+        raise bad_request(message, field_name.split(".")[0]) from None
+    return spec
+
+
+def _response_format_spec(rf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    kind = rf.get("type")
+    if kind == "json_object":
+        return "response_format", {"json_object": True}
+    if kind == "json_schema":
+        body = rf.get("json_schema")
+        schema = body.get("schema") if isinstance(body, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object", "response_format")
+        return "response_format.json_schema.schema", {"json": schema}
+    raise bad_request(f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
+                      "response_format")
+# --- end structured outputs ---

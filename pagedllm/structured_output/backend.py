@@ -34,25 +34,8 @@ class XgrammarBackend:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
 
     def parse(self, params: StructuredOutputsParams) -> Any:
-        """The spec as an xgrammar Grammar (fast, tokenizer-independent); ValueError naming the problem."""
-        xgr, kind = self._xgr, params.kind
-        try:
-            if kind == "json":
-                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
-                # Compact JSON (", " and ": " separators): free whitespace lets a model pad forever.
-                return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
-            if kind == "json_object":
-                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
-            if kind == "regex":
-                return xgr.Grammar.from_regex(params.regex)
-            if kind == "choice":
-                # json.dumps writes each choice as a quoted string with the escapes EBNF reads.
-                alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
-                return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
-            return xgr.Grammar.from_ebnf(params.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:
-            message = _CPP_PREFIX.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"structured_outputs.{kind} cannot be compiled: {message}") from None
+        """The spec as an xgrammar Grammar; ValueError naming the problem."""
+        return parse_grammar(params)
 
     def compile(self, grammar: Any) -> Any:
         """A CompiledGrammar (the token-level automaton); the slow part, run on the grammar pool."""
@@ -65,3 +48,31 @@ class XgrammarBackend:
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
         """(num_rows, ceil(vocab_size / 32)) int32 on the host, all tokens allowed."""
         return self._xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+
+
+def parse_grammar(params: StructuredOutputsParams) -> Any:
+    """``params`` as an xgrammar Grammar (fast, needs no tokenizer); ValueError naming the problem.
+
+    The server calls it before a request reaches the engine, so the 400 can name the field the client sent.
+    """
+    import xgrammar as xgr
+
+    kind = params.kind
+    try:
+        if kind == "json":
+            schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+            # Compact JSON (", " and ": " separators): free whitespace lets a model pad forever.
+            return xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(params.regex)
+        if kind == "choice":
+            # json.dumps writes each choice as a quoted string with the escapes EBNF reads.
+            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
+            return xgr.Grammar.from_ebnf(f"root ::= {alternatives}")
+        return xgr.Grammar.from_ebnf(params.grammar)
+    except (RuntimeError, ValueError, TypeError) as e:
+        text = str(e).strip()
+        message = _CPP_PREFIX.sub("", text).strip().splitlines()[0] if text else type(e).__name__
+        raise ValueError(f"structured_outputs.{kind} cannot be compiled: {message}") from None
