@@ -132,3 +132,100 @@ def test_json_schemas_validate_streamed_and_not(server: str) -> None:
     for i, text, finish in asyncio.run(run()):
         assert finish == "stop", f"schema {i}: {finish}: {text!r}"
         jsonschema.validate(json.loads(text), SCHEMAS[i])
+
+
+def test_regex_and_choice_hold_on_both_endpoints(client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    pattern = r"[a-z]{3,6}-\d{2}"
+    comp = client.completions.create(model=model, prompt="A code:", max_tokens=20, temperature=1.0, n=3, seed=7,
+                                     extra_body={"guided_regex": pattern})
+    assert len(comp.choices) == 3
+    assert all(re.fullmatch(pattern, c.text) and c.finish_reason == "stop" for c in comp.choices), comp.choices
+    choices = ["sunny", "rainy", "cloudy with a chance of rain"]
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather?"}],
+                                          max_tokens=20, temperature=1.0, n=4, seed=3,
+                                          extra_body={"structured_outputs": {"choice": choices}})
+    assert all(c.message.content in choices for c in chat.choices), chat.choices
+    stream = client.completions.create(model=model, prompt="Pick:", max_tokens=20, stream=True,
+                                       extra_body={"guided_choice": ["alpha", "beta"]})
+    assert "".join(c.choices[0].text for c in stream if c.choices) in ("alpha", "beta")
+
+
+def test_grammar_json_object_and_stop_string(client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    grammar = 'root ::= "The answer is " digit digit "."\ndigit ::= [0-9]'
+    out = client.completions.create(model=model, prompt="Q:", max_tokens=20, temperature=0.0,
+                                    extra_body={"guided_grammar": grammar})
+    assert re.fullmatch(r"The answer is \d\d\.", out.choices[0].text), out.choices[0].text
+    # A stop string ends a constrained request like any other.
+    stopped = client.completions.create(model=model, prompt="Q:", max_tokens=20, temperature=0.0, stop=[" is"],
+                                        extra_body={"guided_grammar": grammar})
+    assert stopped.choices[0].text == "The answer" and stopped.choices[0].finish_reason == "stop"
+    obj = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "A JSON object:"}],
+                                         max_tokens=40, temperature=0.0, response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still a prefix of an object
+        assert obj.choices[0].message.content.startswith("{")
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format", "response_format.json_schema.schema cannot be compiled"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs", "parenthesis"),
+    ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs", "whitespace_pattern"),
+    ({"guided_json": {"$ref": "#/nowhere"}}, "guided_json", "guided_json cannot be compiled"),
+    ({"guided_regex": "a{2,1}"}, "guided_regex", "guided_regex cannot be compiled"),
+    ({"guided_grammar": "root ::= missing"}, "guided_grammar", "guided_grammar cannot be compiled"),
+    ({"guided_choice": []}, "guided_choice", "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "only one output constraint"),
+    ({"logit_bias": {"5": 500}}, "logit_bias", r"\[-100, 100\]"),
+    ({"logit_bias": {"word": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"allowed_token_ids": [999999]}, "allowed_token_ids", "outside the vocabulary"),
+    ({"bad_words": [""]}, "bad_words", "bad_words"),
+])
+def test_bad_constraints_are_400_naming_the_field(server: str, body: dict, param: str, message: str) -> None:
+    for path, extra in (("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                        ("completions", {"prompt": "hi"})):
+        r = httpx.post(f"{server}/v1/{path}", json={**extra, "max_tokens": 4, **body}, timeout=60)
+        assert r.status_code == 400, (path, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and re.search(message, error["message"]), (path, error)
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from pagedllm.config import ModelConfig
+    from pagedllm.loader.tokenizer import load_tokenizer
+
+    return load_tokenizer(ModelConfig(None))
+
+
+def test_logit_bias_allowed_token_ids_and_bad_words_change_output(client: openai.OpenAI, tokenizer) -> None:
+    model = client.models.list().data[0].id
+    prompt = "The capital of France is"
+
+    def complete(max_tokens: int = 8, temperature: float = 0.0, **kwargs: object) -> str:
+        return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, seed=1,
+                                         temperature=temperature, **kwargs).choices[0].text
+
+    plain = complete()
+    (yes,) = tokenizer.encode(" yes", add_special_tokens=False)
+    (no,) = tokenizer.encode(" no", add_special_tokens=False)
+    # +100 makes greedy decoding pick that token every time; -100 removes the greedy answer's first token.
+    assert complete(4, logit_bias={str(yes): 100}) == " yes" * 4
+    first = tokenizer.encode(plain, add_special_tokens=False)[0]
+    banned = complete(logit_bias={str(first): -100})
+    assert banned != plain and not banned.startswith(tokenizer.decode([first]))
+    # allowed_token_ids: nothing else can be sampled, even at temperature 1.
+    only = complete(6, 1.0, extra_body={"allowed_token_ids": [yes, no]})
+    assert re.fullmatch(r"( yes| no){6}", only), only
+    # bad_words: the greedy answer's first word never appears.
+    word = plain.split()[0]
+    without = complete(extra_body={"bad_words": [word]})
+    assert word not in without and without != plain
