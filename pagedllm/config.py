@@ -41,6 +41,9 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str = "recompute"  # recompute | swap
+    # --- speculative decoding ---
+    num_speculative_tokens: int = 0  # drafts per request per step (0: speculation off)
+    # --- end speculative decoding ---
 
 
 @dataclass
