@@ -14,6 +14,7 @@ import pytest
 
 from pagedllm.config import CacheConfig, SchedulerConfig
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.spec_decode import SpeculativeConfig
 from tests.core.fake_runner import BS, Driver, expected_chain, make_request
 from tests.spec_decode.spec_fake import SpecDriver
 
@@ -22,7 +23,8 @@ def _scheduler(k: int, num_blocks: int = 64, budget: int = 64, max_num_seqs: int
                num_cpu_blocks: int = 0, caching: bool = True) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
-                        preemption_mode="swap" if num_cpu_blocks else "recompute", num_speculative_tokens=k),
+                        preemption_mode="swap" if num_cpu_blocks else "recompute",
+                        speculative_config=SpeculativeConfig(k) if k else None),
         CacheConfig(block_size=BS, enable_prefix_caching=caching), num_blocks=num_blocks,
         num_cpu_blocks=num_cpu_blocks)
 
