@@ -129,6 +129,7 @@ class EngineArgs:
 
             if not isinstance(self.speculative_config, SpeculativeConfig):
                 self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            self.speculative_config.check_implemented()
         # --- end speculative decoding ---
 
     def _check_parallel_and_quantization(self) -> None:
@@ -205,7 +206,7 @@ class EngineArgs:
         parser.add_argument("--served-model-name", default=None)
         parser.add_argument("--skip-tokenizer-init", action="store_true")
         # --- speculative decoding ---
-        parser.add_argument("--speculative-config", type=_json_object, default=None,
+        parser.add_argument("--speculative-config", type=_speculative_config, default=None,
                             help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
                                  '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
         # --- end speculative decoding ---
@@ -220,15 +221,17 @@ class EngineArgs:
 
 
 # --- speculative decoding ---
-def _json_object(text: str) -> dict[str, Any]:
-    """argparse type of --speculative-config: a JSON object (argparse reports the error)."""
+def _speculative_config(text: str) -> SpeculativeConfig:
+    """argparse type of --speculative-config: a JSON object of SpeculativeConfig keys (argparse
+    reports a bad one as a usage error, before any model is loaded)."""
     import json
 
+    from pagedllm.spec_decode.config import SpeculativeConfig
+
     try:
-        value = json.loads(text)
+        return SpeculativeConfig.from_dict(json.loads(text))
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 # --- end speculative decoding ---

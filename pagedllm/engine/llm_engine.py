@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedllm.config import EngineArgs, ModelConfig
+from pagedllm.core.outputs import SpecDecodingStats
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
@@ -42,6 +43,7 @@ class EngineStats:
     num_generation_tokens: int
     num_free_blocks: int
     num_total_blocks: int
+    spec_decoding: SpecDecodingStats | None = None  # cumulative; None with speculation off
 
 
 class LLMEngine:
@@ -71,6 +73,11 @@ class LLMEngine:
         self.all_eos_ids = self.extra_eos_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_search = BeamSearchManager(self.scheduler, self.all_eos_ids, self._decode_beam)
+        self.spec_logger = None
+        if self.scheduler.spec_stats is not None:
+            from pagedllm.spec_decode.metrics import SpecDecodingLogger
+
+            self.spec_logger = SpecDecodingLogger()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -182,6 +189,8 @@ class LLMEngine:
         for req_id in processed.finished_req_ids:
             self.scheduler.free_finished(req_id)
         self.beam_search.advance()
+        if self.spec_logger is not None:
+            self.spec_logger.maybe_log(self.scheduler.spec_stats)
         return processed.request_outputs
 
     def _decode_beam(self, token_ids: list[int]) -> str | None:
@@ -195,7 +204,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_prompt_tokens=self.output_processor.num_prompt_tokens,
             num_generation_tokens=self.output_processor.num_generation_tokens, num_free_blocks=s.num_free_blocks,
-            num_total_blocks=s.num_total_blocks)
+            num_total_blocks=s.num_total_blocks, spec_decoding=s.spec_decoding)
 
 
 def _generation_config_eos_ids(model_path: str | None) -> set[int]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
+IMPLEMENTED_METHODS = ("ngram",)  # the draft-model proposer is not written yet
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class SpeculativeConfig:
         if (self.method == "draft_model") != (self.model is not None):
             raise ValueError("speculative_config: a draft model needs method 'draft_model' and a 'model' path; "
                              "n-gram speculation takes no model")
+
+    def check_implemented(self) -> None:
+        """ValueError for a method the engine cannot run yet (checked before any model is loaded)."""
+        if self.method not in IMPLEMENTED_METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not implemented yet; "
+                             f"use one of {list(IMPLEMENTED_METHODS)}")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> SpeculativeConfig:

@@ -63,8 +63,7 @@ class ModelRunner:
         self.proposer: Proposer | None = None
         spec = scheduler_config.speculative_config
         if spec is not None:
-            if spec.method != "ngram":
-                raise ValueError(f"speculative method {spec.method!r} is not implemented yet; use 'ngram'")
+            spec.check_implemented()
             self.proposer = NgramProposer(spec)
             self.rejection_sampler = RejectionSampler()
 

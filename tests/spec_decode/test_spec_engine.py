@@ -86,9 +86,9 @@ def test_tiny_greedy_identical_under_pressure(tiny_dir: str) -> None:
 
 def test_tiny_sampling_features_with_speculation(tiny_dir: str) -> None:
     spec = _tiny(tiny_dir, {"num_speculative_tokens": 3})
-    prompts = _prompts(2, 6)
+    prompts = _prompts(2, 3)
     seeded = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.1,
-                            frequency_penalty=0.2, seed=11, logprobs=2, max_tokens=40, min_tokens=5)
+                            frequency_penalty=0.2, seed=11, logprobs=2, max_tokens=24, min_tokens=5)
     a = spec.generate(prompts, seeded, use_tqdm=False)
     b = spec.generate(prompts, seeded, use_tqdm=False)
     assert _tokens(a) == _tokens(b), "seeded sampling must be reproducible with speculation"
@@ -96,10 +96,10 @@ def test_tiny_sampling_features_with_speculation(tiny_dir: str) -> None:
         comp = out.outputs[0]
         assert len(comp.logprobs) == len(comp.token_ids) >= 5
         assert all(tok in lp for tok, lp in zip(comp.token_ids, comp.logprobs))
-    many = spec.generate(prompts[:2], SamplingParams(temperature=1.0, n=3, best_of=4, max_tokens=20, seed=3),
+    many = spec.generate(prompts[:2], SamplingParams(temperature=1.0, n=2, best_of=3, max_tokens=12, seed=3),
                          use_tqdm=False)
-    assert all(len(o.outputs) == 3 and all(c.token_ids for c in o.outputs) for o in many)
-    beams = BeamSearchParams(beam_width=3, max_tokens=12)
+    assert all(len(o.outputs) == 2 and all(c.token_ids for c in o.outputs) for o in many)
+    beams = BeamSearchParams(beam_width=2, max_tokens=8)
     plain = _tiny(tiny_dir, None)
     assert ([s.tokens for s in spec.beam_search([prompts[1]], beams)[0].sequences]
             == [s.tokens for s in plain.beam_search([prompts[1]], beams)[0].sequences])
@@ -107,8 +107,6 @@ def test_tiny_sampling_features_with_speculation(tiny_dir: str) -> None:
 
 
 GROUNDED = [
-    "Copy the sentence exactly.\nSentence: The quick brown fox jumps over the lazy dog near the river bank.\n"
-    "Copy: The quick brown fox",
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n# The same two functions again:\n"
     "def add(a, b):\n",
     "Names: Alice Smith, Bob Jones, Carol White, Dan Brown.\nThe same names, one per line:\nAlice Smith\n",
@@ -118,13 +116,13 @@ GROUNDED = [
 def test_default_model_greedy_identical_with_stop_strings() -> None:
     plain = LLM(device="cpu", max_model_len=512)
     spec = LLM(device="cpu", max_model_len=512, speculative_config=NGRAM)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     base = plain.generate(GROUNDED, params, use_tqdm=False)
     got = spec.generate(GROUNDED, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in base]
     assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
     # A stop string a few tokens into each output falls inside accepted runs.
-    stops = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[o.outputs[0].text[6:12]])
+    stops = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[o.outputs[0].text[6:12]])
              for o in base]
     want = plain.generate(GROUNDED, stops, use_tqdm=False)
     have = spec.generate(GROUNDED, stops, use_tqdm=False)
