@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # --- speculative decoding ---
+    from pagedllm.spec_decode.config import SpeculativeConfig
 
 
 @dataclass
@@ -41,6 +44,14 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str = "recompute"  # recompute | swap
+    # --- speculative decoding ---
+    speculative_config: SpeculativeConfig | None = None  # None: speculation off
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Drafts per request per step (0: speculation off)."""
+        return self.speculative_config.num_speculative_tokens if self.speculative_config else 0
+    # --- end speculative decoding ---
 
 
 @dataclass
@@ -88,6 +99,10 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
+    # --- speculative decoding ---
+    # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}; parsed in __post_init__.
+    speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # --- end speculative decoding ---
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +123,14 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_parallel_and_quantization()
+        # --- speculative decoding ---
+        if self.speculative_config is not None:
+            from pagedllm.spec_decode.config import SpeculativeConfig
+
+            if not isinstance(self.speculative_config, SpeculativeConfig):
+                self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            self.speculative_config.check_implemented()
+        # --- end speculative decoding ---
 
     def _check_parallel_and_quantization(self) -> None:
         from pagedllm.quantization import check_quantization  # torch-free: keeps this module light
@@ -140,6 +163,7 @@ class EngineArgs:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
             policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
+            speculative_config=self.speculative_config,  # --- speculative decoding ---
         )
 
     def parallel_config(self) -> ParallelConfig:
@@ -181,6 +205,11 @@ class EngineArgs:
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
         parser.add_argument("--served-model-name", default=None)
         parser.add_argument("--skip-tokenizer-init", action="store_true")
+        # --- speculative decoding ---
+        parser.add_argument("--speculative-config", type=_speculative_config, default=None,
+                            help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
+                                 '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'')
+        # --- end speculative decoding ---
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
@@ -189,3 +218,20 @@ class EngineArgs:
         if getattr(ns, "model_tag", None):
             kwargs["model"] = ns.model_tag
         return cls(**kwargs)
+
+
+# --- speculative decoding ---
+def _speculative_config(text: str) -> SpeculativeConfig:
+    """argparse type of --speculative-config: a JSON object of SpeculativeConfig keys (argparse
+    reports a bad one as a usage error, before any model is loaded)."""
+    import json
+
+    from pagedllm.spec_decode.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+# --- end speculative decoding ---

@@ -149,6 +149,22 @@ class KVCacheManager:
         self.num_cached_blocks[child.request_id] = num_full if self.enable_caching else 0
         return copies
 
+    def free_lookahead(self, request: Request) -> int | None:
+        """Speculative decoding: give back the blocks past the request's known tokens.
+
+        Lookahead slots were allocated for drafts; the blocks that held only rejected
+        drafts are freed (never hashed: hashes cover known tokens only). The blocks
+        kept cover every known token, the next step's input included. Returns how many
+        blocks the request keeps when some were freed, else None."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        num_needed = -(-request.num_tokens // self.block_size)
+        if not blocks or len(blocks) <= num_needed:
+            return None
+        extra = blocks[num_needed:]
+        del blocks[num_needed:]
+        self.block_pool.free_blocks(reversed(extra))
+        return num_needed
+
     def uncache_uncomputed(self, request: Request) -> None:
         """Drop the hashes of blocks registered for tokens that were scheduled but never computed.
 

@@ -30,6 +30,10 @@ class CachedRequestData:
     resumed_from_preemption: bool
     new_block_ids: list[int]  # appended to the table; the whole table when resumed
     num_computed_tokens: int
+    # --- speculative decoding ---
+    # >= 0: first cut the table to this many blocks (lookahead blocks given back after rejections).
+    num_kept_blocks: int = -1
+    # --- end speculative decoding ---
 
 
 # --- structured outputs ---
@@ -56,6 +60,10 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     grammar_bitmask: GrammarBitmask | None = None  # structured outputs: set by the engine after schedule()
+    # --- speculative decoding ---
+    # req_id -> draft tokens verified after its last token this step (counted in num_scheduled_tokens).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # --- end speculative decoding ---
 
     @property
     def is_empty(self) -> bool:
@@ -81,6 +89,10 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # Per request, for the prompt positions computed this step (prompt_logprobs).
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # --- speculative decoding ---
+    # req_id -> the proposer's drafts for the request's next step (only with speculation on).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # --- end speculative decoding ---
 
 
 @dataclass
@@ -115,3 +127,38 @@ class SchedulerStats:
     prefix_cache_hits: int
     num_free_blocks: int
     num_total_blocks: int
+    spec_decoding: SpecDecodingStats | None = None  # None: speculation off
+
+
+@dataclass
+class SpecDecodingStats:
+    """Cumulative speculative-decoding counters (vLLM's names): a draft is one request's drafts in one step."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # [i]: how many drafts had their token at position i accepted (acceptance by position).
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.num_accepted_tokens_per_pos
+        if len(per_pos) < num_draft_tokens:
+            per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verified draft: accepted ones plus the one sampled after them."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def copy(self) -> SpecDecodingStats:
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.num_accepted_tokens_per_pos))

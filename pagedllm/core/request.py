@@ -64,6 +64,8 @@ class Request:
         # Beam search: after each sampled token the request is paused (not stopped) so
         # the engine can fork the winning beams from its KV blocks.
         self.pause_after_sample = False
+        # Speculative decoding: the proposer's drafts for the next step (never part of all_token_ids).
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:

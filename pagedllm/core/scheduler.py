@@ -27,6 +27,17 @@ Request states (RequestStatus) and where the scheduler moves a request between t
 finish_requests (abort, stop string) takes a request from any state to FINISHED_*.
 WAITING, FORKED, SWAPPED and PREEMPTED requests sit in the waiting queue; forked and
 swapped ones resume from their KV (no prefix-cache lookup).
+
+Speculative decoding: a decoding request's drafts (``Request.spec_token_ids``, proposed
+by the runner after the previous step) ride along as extra query tokens of its decode:
+
+    scheduled:  [last token, d1 .. dk]      k+1 tokens of the budget, lookahead slots allocated
+    verified:   d1 .. dm accepted, then one token sampled after them (m+1 new tokens)
+    afterwards: num_computed_tokens = old + 1 + m (the k - m rejected positions roll back),
+                blocks holding only rejected positions go back to the pool
+
+Drafts never enter ``all_token_ids``, so prefix-cache hashes cover accepted tokens only,
+and stop conditions are checked after every accepted token (the rest is dropped).
 """
 
 from __future__ import annotations
@@ -39,11 +50,13 @@ from pagedllm.core.block_pool import CpuBlockPool, KVCacheBlock
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.outputs import (
     CachedRequestData,
+    LogprobsLists,
     ModelRunnerOutput,
     NewRequestData,
     RequestUpdate,
     SchedulerOutput,
     SchedulerStats,
+    SpecDecodingStats,
 )
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.request_queue import RequestQueue, make_request_queue
@@ -61,6 +74,7 @@ class _StepPlan:
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: list[CachedRequestData] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
+    spec_tokens: dict[str, list[int]] = field(default_factory=dict)  # drafts scheduled per request
 
 
 class Scheduler:
@@ -86,6 +100,9 @@ class Scheduler:
         self.cpu_block_pool = CpuBlockPool(num_cpu_blocks)
         self._blocks_to_swap_out: list[tuple[int, int]] = []  # (gpu block, cpu block)
         self._blocks_to_swap_in: list[tuple[int, int]] = []  # (cpu block, gpu block)
+        self.spec_stats = SpecDecodingStats() if config.num_speculative_tokens else None
+        # Requests whose lookahead blocks were given back: req_id -> blocks kept, for the runner's table.
+        self._kept_blocks: dict[str, int] = {}
 
     # ---- admission ---------------------------------------------------------
     def add_request(self, request: Request, fork_from: str | None = None) -> None:
@@ -200,6 +217,7 @@ class Scheduler:
             blocks_to_copy=self._blocks_to_copy,
             blocks_to_swap_out=self._blocks_to_swap_out,
             blocks_to_swap_in=self._blocks_to_swap_in,
+            scheduled_spec_decode_tokens=plan.spec_tokens,
         )
         self._finished_since_last_step = set()
         self._blocks_to_copy = []
@@ -219,17 +237,23 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            num_preempted = len(preempted)
-            new_blocks = self._allocate_or_preempt(req, num_new, preempted)
-            if len(preempted) > num_preempted:
-                budget += self._unschedule_preempted(plan, scheduled_running)
-            if new_blocks is None:  # req itself was preempted
-                continue
+            drafts, new_blocks = self._allocate_lookahead(req, num_new, budget)
+            if new_blocks is None:
+                num_preempted = len(preempted)
+                new_blocks = self._allocate_or_preempt(req, num_new, preempted)
+                if len(preempted) > num_preempted:
+                    budget += self._unschedule_preempted(plan, scheduled_running)
+                if new_blocks is None:  # req itself was preempted
+                    continue
+            num_new += len(drafts)
             scheduled_running.append(req)
+            if drafts:
+                plan.spec_tokens[req.request_id] = drafts
             num_scheduled[req.request_id] = num_new
             budget -= num_new
             cached_reqs.append(CachedRequestData(
-                req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens))
+                req.request_id, False, [b.block_id for b in new_blocks], req.num_computed_tokens,
+                self._kept_blocks.pop(req.request_id, -1)))
         plan.budget = budget
 
     @staticmethod
@@ -239,8 +263,30 @@ class Scheduler:
         for victim in [r for r in scheduled_running if r.request_id in plan.preempted]:
             scheduled_running.remove(victim)
             num_returned += plan.num_scheduled.pop(victim.request_id)
+            plan.spec_tokens.pop(victim.request_id, None)
         plan.cached_reqs[:] = [c for c in plan.cached_reqs if c.req_id not in plan.preempted]
         return num_returned
+
+    def _allocate_lookahead(self, req: Request, num_new: int, budget: int
+                            ) -> tuple[list[int], list[KVCacheBlock] | None]:
+        """(drafts, new blocks) when ``req`` verifies drafts this step and free blocks hold their
+        lookahead slots, else ([], None). Drafts never preempt anyone: without room they are dropped."""
+        drafts = self._drafts_to_verify(req, num_new, budget)
+        if not drafts:
+            return [], None
+        new_blocks = self.kv_cache_manager.allocate_slots(req, num_new + len(drafts))
+        return (drafts, new_blocks) if new_blocks is not None else ([], None)
+
+    def _drafts_to_verify(self, req: Request, num_new: int, budget: int) -> list[int]:
+        """The drafts to verify with ``req``'s decode this step: only on a plain decode (one known
+        token to compute), cut to what the budget, ``max_tokens`` and the context length leave."""
+        drafts = req.spec_token_ids
+        if not drafts or num_new != 1 or req.num_tokens - req.num_computed_tokens != 1 or req.pause_after_sample:
+            return []
+        # All k accepted emit k + 1 tokens; the last draft's position must fit the context.
+        room = min(budget - 1, req.max_tokens - req.num_output_tokens - 1,
+                   self.config.max_model_len - req.num_tokens)
+        return drafts[:max(room, 0)]
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         """Admit waiting requests in the queue's order while budget, blocks and max_num_seqs allow."""
@@ -329,6 +375,7 @@ class Scheduler:
         """Free a running request's blocks: SWAPPED to the CPU (keeping its progress) when
         preemption_mode is "swap" and the swap space has room, else PREEMPTED (recomputed later)."""
         self.running.remove(req)
+        self._kept_blocks.pop(req.request_id, None)  # a resumed request gets its whole table again
         self.kv_cache_manager.uncache_uncomputed(req)
         if self._swap_enabled and self._swap_out(req):
             req.status = RequestStatus.SWAPPED
@@ -355,27 +402,61 @@ class Scheduler:
         """Advance each scheduled request, append sampled tokens, and finish those that stop."""
         updates: list[RequestUpdate] = []
         sampled = dict(zip(runner_out.req_ids, runner_out.sampled_token_ids))
+        spec = sched_out.scheduled_spec_decode_tokens
         for req_id, n in sched_out.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            new_ids = sampled.get(req_id, [])
+            drafts = spec.get(req_id)
+            if drafts:  # the rejected drafts' positions were computed for nothing: roll back
+                n -= self._num_rejected(drafts, new_ids)
             req.num_computed_tokens += n
             self._release_fork_waiters(req)
-            new_ids = sampled.get(req_id, [])
+            logprobs = runner_out.logprobs.get(req_id)
             if new_ids:
-                req.append_output_token_ids(new_ids)
-                status = None if req.pause_after_sample else self._check_stop(req)
-                if status is not None:
-                    self._finish(req, status)
-                elif req.pause_after_sample:
+                new_ids = self._append_checking_stops(req, new_ids)
+                if logprobs is not None and len(logprobs.ranks) > len(new_ids):
+                    logprobs = LogprobsLists(logprobs.token_ids[:len(new_ids)], logprobs.logprobs[:len(new_ids)],
+                                             logprobs.ranks[:len(new_ids)])
+                if req.pause_after_sample and not req.is_finished():
                     self.pause_request(req_id)
+                elif drafts and not req.is_finished():
+                    num_kept = self.kv_cache_manager.free_lookahead(req)
+                    if num_kept is not None:
+                        self._kept_blocks[req_id] = num_kept
+            if new_ids and not req.is_finished():  # drafts for the next step, proposed after this one's tokens
+                # A grammar constrains the next token only: its requests get no drafts (see ARCHITECTURE).
+                if req.sampling_params.structured_outputs is None:
+                    req.spec_token_ids = runner_out.spec_token_ids.get(req_id, [])
             prompt_lp = runner_out.prompt_logprobs.get(req_id)
             if new_ids or prompt_lp is not None or req.is_finished():
                 updates.append(RequestUpdate(
-                    req_id, new_ids, runner_out.logprobs.get(req_id), prompt_lp,
+                    req_id, new_ids, logprobs, prompt_lp,
                     finish_reason=req.get_finished_reason(), stop_reason=req.stop_reason,
                     num_cached_tokens=max(req.num_cached_tokens, 0)))
         return updates
+
+    def _num_rejected(self, drafts: list[int], new_ids: list[int]) -> int:
+        """Drafts verified this step that were not accepted; counts the draft in the spec stats."""
+        num_accepted = max(len(new_ids) - 1, 0)  # the last new token is sampled, never a draft
+        if self.spec_stats is not None:
+            self.spec_stats.observe(len(drafts), num_accepted)
+        return len(drafts) - num_accepted
+
+    def _append_checking_stops(self, req: Request, new_ids: list[int]) -> list[int]:
+        """Append the step's tokens one at a time, stopping at the first that ends the request
+        (EOS, stop id, length); returns the tokens kept. Beam requests are paused, never stopped."""
+        if req.pause_after_sample:
+            req.append_output_token_ids(new_ids)
+            return new_ids
+        for i, token in enumerate(new_ids):
+            req.append_output_token_ids([token])
+            status = self._check_stop(req)
+            if status is not None:
+                self._finish(req, status)
+                return new_ids[:i + 1]
+        return new_ids
 
     def _check_stop(self, req: Request) -> RequestStatus | None:
         params = req.sampling_params
@@ -419,6 +500,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         req.status = status
+        self._kept_blocks.pop(req.request_id, None)
         self.kv_cache_manager.forget(req)
         self.cpu_block_pool.free(req.request_id)
         self._sent_to_runner.discard(req.request_id)
@@ -433,6 +515,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         kv = self.kv_cache_manager
         return SchedulerStats(
+            spec_decoding=self.spec_stats.copy() if self.spec_stats is not None else None,
             num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage(),
             num_preemptions=self.num_preemptions, prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits, num_free_blocks=kv.block_pool.get_num_free_blocks(),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedllm.config import EngineArgs, ModelConfig
-from pagedllm.core.outputs import RequestUpdate
+from pagedllm.core.outputs import RequestUpdate, SpecDecodingStats
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
@@ -47,6 +47,7 @@ class EngineStats:
     num_generation_tokens: int
     num_free_blocks: int
     num_total_blocks: int
+    spec_decoding: SpecDecodingStats | None = None  # cumulative; None with speculation off
 
 
 class LLMEngine:
@@ -79,6 +80,11 @@ class LLMEngine:
         # --- structured outputs: grammars, matchers and the step's bitmask (xgrammar loads on first use) ---
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.all_eos_ids,
                                                          self.scheduler_config.max_num_seqs)
+        self.spec_logger = None
+        if self.scheduler.spec_stats is not None:
+            from pagedllm.spec_decode.metrics import SpecDecodingLogger
+
+            self.spec_logger = SpecDecodingLogger()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -207,6 +213,8 @@ class LLMEngine:
             self.scheduler.free_finished(req_id)
         self.structured_output.free(processed.finished_req_ids)  # --- structured outputs
         self.beam_search.advance()
+        if self.spec_logger is not None:
+            self.spec_logger.maybe_log(self.scheduler.spec_stats)
         return processed.request_outputs
 
     # --- structured outputs ---
@@ -229,7 +237,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_prompt_tokens=self.output_processor.num_prompt_tokens,
             num_generation_tokens=self.output_processor.num_generation_tokens, num_free_blocks=s.num_free_blocks,
-            num_total_blocks=s.num_total_blocks)
+            num_total_blocks=s.num_total_blocks, spec_decoding=s.spec_decoding)
 
 
 def _generation_config_eos_ids(model_path: str | None) -> set[int]:

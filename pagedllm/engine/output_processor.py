@@ -131,16 +131,27 @@ class OutputProcessor:
             state.first_token_time = time.time()
             state.num_cached_tokens = upd.num_cached_tokens
             self.num_prompt_tokens += len(state.prompt_token_ids)
-        self.num_generation_tokens += len(upd.new_token_ids)
-        sample.token_ids.extend(upd.new_token_ids)
-        if upd.new_logprobs is not None and sample.cumulative_logprob is not None:
-            sample.cumulative_logprob += sum(lp[0] for lp in upd.new_logprobs.logprobs)
-            if sample.logprobs is not None:
-                sample.logprobs.extend(self._logprob_dicts(upd.new_logprobs))
-        text_ids = upd.new_token_ids
+        new_ids, new_logprobs = upd.new_token_ids, upd.new_logprobs
+        text_ids = new_ids
         if upd.finish_reason == "stop" and not state.params.include_stop_str_in_output:
             text_ids = text_ids[:-1]  # the EOS / stop token that ended generation is not part of the text
+        num_rendered = sample.detok.num_output_tokens if sample.detok else 0
         stop_str = sample.detok.update(text_ids) if sample.detok else None
+        if stop_str is not None:
+            # Several tokens in one update (speculative decoding): those after the one that
+            # completed the stop string are dropped, as if generation had stopped there.
+            num_kept = sample.detok.num_output_tokens - num_rendered
+            if num_kept < len(new_ids):
+                new_ids = new_ids[:num_kept]
+                if new_logprobs is not None:
+                    new_logprobs = LogprobsLists(new_logprobs.token_ids[:num_kept],
+                                                 new_logprobs.logprobs[:num_kept], new_logprobs.ranks[:num_kept])
+        self.num_generation_tokens += len(new_ids)
+        sample.token_ids.extend(new_ids)
+        if new_logprobs is not None and sample.cumulative_logprob is not None:
+            sample.cumulative_logprob += sum(lp[0] for lp in new_logprobs.logprobs)
+            if sample.logprobs is not None:
+                sample.logprobs.extend(self._logprob_dicts(new_logprobs))
         if stop_str is not None:
             if not upd.finished:
                 stopped.append(upd.req_id)

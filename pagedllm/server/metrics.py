@@ -78,6 +78,29 @@ class _EngineStatsCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric([self.model_name], float(getattr(stats, attr, 0) or 0))
             yield family
+        yield from self._spec_decoding(getattr(stats, "spec_decoding", None))
+
+    # --- speculative decoding ---
+    SPEC_COUNTERS = (
+        ("spec_decode_num_drafts", "num_drafts", "Number of spec decoding drafts (one request's drafts in a step)."),
+        ("spec_decode_num_draft_tokens", "num_draft_tokens", "Number of draft tokens."),
+        ("spec_decode_num_accepted_tokens", "num_accepted_tokens", "Number of accepted tokens."),
+    )
+
+    def _spec_decoding(self, spec) -> Iterator[Metric]:  # noqa: ANN001 - SpecDecodingStats | None
+        """vLLM's spec-decode counters, and accepted tokens per draft position; nothing with speculation off."""
+        if spec is None:
+            return
+        for name, attr, doc in self.SPEC_COUNTERS:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(getattr(spec, attr)))
+            yield family
+        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Accepted tokens per draft position.", labels=["model_name", "position"])
+        for pos, n in enumerate(spec.num_accepted_tokens_per_pos):
+            family.add_metric([self.model_name, str(pos)], float(n))
+        yield family
+    # --- end speculative decoding ---
 
 
 class ServerMetrics:

@@ -66,6 +66,9 @@ class FlatBatch:
     # Every request samples exactly one token (every decode step): the per-request bookkeeping
     # of the sampled tokens takes its short path.
     one_sample_each: bool = False
+    # Speculative decoding: per sampled position (logits_indices order), the draft it verifies,
+    # -1 on each request's last position (its bonus token); None when no request has drafts.
+    draft_ids: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -130,6 +133,8 @@ class InputBatch:
             self.num_blocks[row] = 0  # the whole table is sent again
         else:
             row = self.req_id_to_row[cached.req_id]
+            if cached.num_kept_blocks >= 0:  # speculative decoding gave lookahead blocks back
+                self.num_blocks[row] = min(int(self.num_blocks[row]), cached.num_kept_blocks)
         if cached.new_block_ids:
             self._append_blocks(row, cached.new_block_ids)
         self.num_computed_tokens[row] = cached.num_computed_tokens
@@ -215,12 +220,22 @@ class InputBatch:
         self.num_blocks[row] = end
 
     # ---- one step ------------------------------------------------------------
-    def prepare(self, num_scheduled_tokens: dict[str, int], block_size: int) -> FlatBatch:
-        """Flatten the scheduled requests (in the scheduler's order) into one step's batch."""
+    def prepare(self, num_scheduled_tokens: dict[str, int], block_size: int,
+                spec_tokens: dict[str, list[int]] | None = None) -> FlatBatch:
+        """Flatten the scheduled requests (in the scheduler's order) into one step's batch.
+
+        ``spec_tokens``: each speculating request's drafts, verified after its last token."""
         req_ids = list(num_scheduled_tokens)
         n = len(req_ids)
         rows = np.fromiter(map(self.req_id_to_row.__getitem__, req_ids), dtype=np.int64, count=n)
         counts = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=n)
+        if spec_tokens:
+            return self._prepare_spec(req_ids, rows, counts, block_size, spec_tokens)
+        return self._flatten(req_ids, rows, counts, block_size)
+
+    def _flatten(self, req_ids: list[str], rows: np.ndarray, counts: np.ndarray, block_size: int,
+                 num_drafts: np.ndarray | None = None) -> FlatBatch:
+        n = len(req_ids)
         starts = self.num_computed_tokens[rows].astype(np.int64)
         query_start_loc = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(counts, out=query_start_loc[1:])
@@ -233,9 +248,13 @@ class InputBatch:
             token_rows = rows[req_of_token]
         block_idx = self.block_table[token_rows, positions // block_size].astype(np.int64)
         seq_lens = (starts + counts).astype(np.int32)
-        # A request samples when its chunk reaches its last known token; one token each for now.
-        num_sampled = (seq_lens == self.num_tokens[rows]).astype(np.int64)
-        one_each = bool(num_sampled.all())  # 0 or 1 each today
+        # A request samples when its chunk reaches its last known token: one token, or with
+        # k drafts after it, k + 1 (each draft's position and the one after the last).
+        if num_drafts is None:
+            num_sampled = (seq_lens == self.num_tokens[rows]).astype(np.int64)
+        else:
+            num_sampled = np.where(seq_lens == self.num_tokens[rows] + num_drafts, num_drafts + 1, 0)
+        one_each = bool((num_sampled == 1).all())
         logits_indices = (query_start_loc[1:] - 1).astype(np.int64) if one_each else \
             flat_logits_indices(query_start_loc, num_sampled)
         return FlatBatch(
@@ -246,10 +265,43 @@ class InputBatch:
             num_sampled_tokens=num_sampled, logits_indices=logits_indices,
             max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), one_sample_each=one_each)
 
+    def _prepare_spec(self, req_ids: list[str], rows: np.ndarray, counts: np.ndarray, block_size: int,
+                      spec_tokens: dict[str, list[int]]) -> FlatBatch:
+        """``prepare`` with drafts: each is written after its request's tokens (not counted in
+        num_tokens), so it is gathered as an input token; a request with k drafts samples at
+        its last k + 1 positions."""
+        num_drafts = np.zeros(len(req_ids), dtype=np.int64)
+        for i, req_id in enumerate(req_ids):
+            drafts = spec_tokens.get(req_id)
+            if drafts:
+                row, end = rows[i], self.num_tokens[rows[i]]
+                self.token_ids[row, end:end + len(drafts)] = drafts
+                num_drafts[i] = len(drafts)
+        batch = self._flatten(req_ids, rows, counts, block_size, num_drafts)
+        draft_ids = np.full(len(batch.logits_indices), -1, dtype=np.int64)
+        first = np.cumsum(batch.num_sampled_tokens) - batch.num_sampled_tokens
+        for i in np.flatnonzero(num_drafts).tolist():
+            k, row = int(num_drafts[i]), rows[i]
+            draft_ids[first[i]:first[i] + k] = self.token_ids[row, self.num_tokens[row]:self.num_tokens[row] + k]
+        batch.draft_ids = draft_ids
+        return batch
+
     def sampling_metadata(self, batch: FlatBatch) -> SamplingMetadata:
         """The sampling tensors of ``batch``'s sampled positions, in ``logits_indices`` order."""
         rows = np.repeat(batch.rows, batch.num_sampled_tokens)
-        return self.sampling.metadata(rows, self.token_ids, self.num_prompt_tokens, self.num_tokens, self.device)
+        drafts_before = None
+        if batch.draft_ids is not None:  # a request's i-th sampled position follows i drafts
+            first = np.cumsum(batch.num_sampled_tokens) - batch.num_sampled_tokens
+            drafts_before = np.arange(len(rows)) - np.repeat(first, batch.num_sampled_tokens)
+        return self.sampling.metadata(rows, self.token_ids, self.num_prompt_tokens, self.num_tokens, self.device,
+                                      drafts_before)
+
+    def append_token_lists(self, rows: np.ndarray, token_lists: list[list[int]]) -> None:
+        """Append each row's verified tokens (accepted drafts and the sampled one) to it."""
+        for row, tokens in zip(rows.tolist(), token_lists):
+            end = int(self.num_tokens[row])
+            self.token_ids[row, end:end + len(tokens)] = tokens
+            self.num_tokens[row] = end + len(tokens)
 
     def append_sampled(self, batch: FlatBatch, sampled: np.ndarray) -> None:
         """Append the tokens sampled for ``batch`` (in ``logits_indices`` order) to their rows."""

@@ -6,8 +6,10 @@
         ─► model forward (eager, or a CUDA graph replay for decode-only batches), queued
         ─► sampling metadata gathered from the rows' SamplingState while the GPU runs the forward
         ─► logits at each request's sampled positions (logits_indices) ─► Sampler
+           (a step with drafts: RejectionSampler over each request's k + 1 positions)
         ─► sampled ids appended to the rows ─► ModelRunnerOutput
            (python lists: the only host sync is reading sampled ids)
+        ─► speculative decoding: the Proposer drafts each request's next tokens
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pagedllm.attention.backend import get_backend
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
+from pagedllm.spec_decode import NgramProposer, Proposer
+from pagedllm.spec_decode.rejection_sampler import RejectionSampler
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
 from pagedllm.worker.input_batch import FlatBatch, InputBatch, flat_logits_indices
 from pagedllm.worker.input_buffers import InputBuffers
@@ -56,6 +60,12 @@ class ModelRunner:
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, model_config.max_model_len, max_num_blocks,
                                       self.vocab_size, device)
         self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device)
+        self.proposer: Proposer | None = None
+        spec = scheduler_config.speculative_config
+        if spec is not None:
+            spec.check_implemented()
+            self.proposer = NgramProposer(spec)
+            self.rejection_sampler = RejectionSampler()
 
     # ---- KV cache ----------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, tuple[int, ...]]:
@@ -92,17 +102,23 @@ class ModelRunner:
             self.swap_space.swap_in(sched.blocks_to_swap_in)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size)
+        batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size,
+                                         sched.scheduled_spec_decode_tokens)
         hidden, logits_indices = self._forward(batch)  # queued on the GPU, not finished
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
         if len(batch.logits_indices):
             # Host work that overlaps the forward: no sync until the sampled ids are read.
             md = self.input_batch.sampling_metadata(batch)
             md.add_grammar_bitmask(sched.grammar_bitmask, batch.req_ids, batch.num_sampled_tokens)  # structured outputs
-            self._sample(batch, md, hidden[logits_indices], out)
+            if batch.draft_ids is not None:
+                self._verify(batch, md, hidden[logits_indices], out)
+            else:
+                self._sample(batch, md, hidden[logits_indices], out)
         sampling = self.input_batch.sampling
         if sampling.num_on["num_prompt_logprobs"] and (sampling.num_prompt_logprobs[batch.rows] >= 0).any():
             self._prompt_logprobs(batch, hidden, out)
+        if self.proposer is not None:
+            self._propose(batch, out)
         return out
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -140,6 +156,29 @@ class ModelRunner:
             k += count
         if result.logprob_token_ids is not None:
             self._logprobs(batch, result, sampling_reqs, counts, out)
+
+    def _verify(self, batch: FlatBatch, md: SamplingMetadata, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        """Speculative decoding: verify each request's drafts at its k + 1 sampled positions."""
+        logits = self.model.compute_logits(hidden)  # (sum of k + 1, vocab) fp32
+        sampling_reqs = np.flatnonzero(batch.num_sampled_tokens)
+        result = self.rejection_sampler(logits, md, batch.draft_ids, batch.num_sampled_tokens[sampling_reqs])
+        self.input_batch.append_token_lists(batch.rows[sampling_reqs], result.token_ids)
+        num_logprobs = self.input_batch.sampling.num_logprobs
+        for j, i in enumerate(sampling_reqs.tolist()):
+            out.sampled_token_ids[i] = result.token_ids[j]
+            n = int(num_logprobs[batch.rows[i]])
+            if result.logprobs is not None and n >= 0:
+                lp = result.logprobs[j]
+                out.logprobs[batch.req_ids[i]] = LogprobsLists(
+                    [ids[:n + 1] for ids in lp.token_ids], [v[:n + 1] for v in lp.logprobs], lp.ranks)
+
+    def _propose(self, batch: FlatBatch, out: ModelRunnerOutput) -> None:
+        """Draft the next tokens of every request that got tokens this step (from its row's tokens)."""
+        ib = self.input_batch
+        reqs = [i for i, toks in enumerate(out.sampled_token_ids) if toks]
+        rows = batch.rows[reqs].tolist()
+        drafts = self.proposer.propose([ib.token_ids[row, :ib.num_tokens[row]] for row in rows])
+        out.spec_token_ids = {batch.req_ids[i]: d for i, d in zip(reqs, drafts) if d}
 
     def _logprobs(self, batch: FlatBatch, result: SamplerOutput, sampling_reqs: list[int], counts: list[int],
                   out: ModelRunnerOutput) -> None:

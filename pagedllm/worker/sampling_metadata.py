@@ -230,11 +230,15 @@ class SamplingState:
         self.generators.pop(row, None)
 
     def metadata(self, rows: np.ndarray, token_ids: np.ndarray, num_prompt_tokens: np.ndarray,
-                 num_tokens: np.ndarray, device: torch.device) -> SamplingMetadata:
+                 num_tokens: np.ndarray, device: torch.device,
+                 num_draft_tokens_before: np.ndarray | None = None) -> SamplingMetadata:
         """Device tensors for the N sampling rows ``rows`` (N,) of this step, in that order.
 
         ``token_ids`` (R, W) holds each row's prompt then output tokens, ``num_prompt_tokens``
         and ``num_tokens`` (R,) their lengths; they are read only when a row uses a penalty.
+        ``num_draft_tokens_before`` (N,): speculative decoding, the drafts (written after the
+        row's tokens) that precede each entry's position; they count as output for
+        penalties and min_tokens, as they would had they been sampled one step at a time.
         """
         on = self.num_on
         temperature = self.temperature[rows]
@@ -261,6 +265,8 @@ class SamplingState:
         if on["presence_penalties"] or on["frequency_penalties"] or on["repetition_penalties"] or on["min_tokens"]:
             prompt_lens = num_prompt_tokens[rows].astype(np.int64)
             output_lens = num_tokens[rows].astype(np.int64) - prompt_lens
+            if num_draft_tokens_before is not None:  # --- speculative decoding ---
+                output_lens = output_lens + num_draft_tokens_before
             self._penalties(md, rows, token_ids, prompt_lens, output_lens, device)
             if on["min_tokens"]:
                 md.min_tokens_mask = self._min_tokens_mask(rows, output_lens, device)

@@ -49,3 +49,32 @@ def test_accepts_numpy_arrays_and_drafts_per_request() -> None:
 def test_config_errors_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SpeculativeConfig(**kwargs)
+
+
+def test_speculative_config_from_vllm_style_dicts() -> None:
+    cfg = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+                                       "prompt_lookup_min": 2})
+    assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (4, 2, 4)
+    draft = SpeculativeConfig.from_dict({"model": "/models/draft", "num_speculative_tokens": 3})
+    assert draft.method == "draft_model"
+    with pytest.raises(ValueError, match="not implemented yet"):
+        draft.check_implemented()
+    for bad, words in (({"num_speculative_tokens": 2, "k": 1}, "unknown keys"), ({}, "is required"),
+                       ({"num_speculative_tokens": "4"}, "must be an integer"),
+                       ({"num_speculative_tokens": True}, "must be an integer"),
+                       ({"method": "draft_model", "num_speculative_tokens": 2}, "needs method"),
+                       ([("num_speculative_tokens", 2)], "JSON object")):
+        with pytest.raises(ValueError, match=words):
+            SpeculativeConfig.from_dict(bad)
+
+
+def test_engine_args_refuse_a_bad_or_unimplemented_speculative_config() -> None:
+    from pagedllm.config import EngineArgs
+
+    args = EngineArgs(speculative_config={"num_speculative_tokens": 3})
+    assert args.scheduler_config(512).num_speculative_tokens == 3
+    assert EngineArgs().scheduler_config(512).num_speculative_tokens == 0
+    with pytest.raises(ValueError, match="not implemented yet"):
+        EngineArgs(speculative_config={"model": "x", "num_speculative_tokens": 3})
+    with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):
+        EngineArgs(speculative_config={"num_speculative_tokens": 0})

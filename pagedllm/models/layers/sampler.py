@@ -69,16 +69,7 @@ class Sampler(nn.Module):
             apply_grammar_bitmask(logits, md.grammar_bitmask, md.grammar_rows)
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
 
-        logits = apply_token_constraints(logits, md)
-        if not md.no_penalties:
-            logits = apply_penalties(logits, md)
-        if md.min_tokens_mask is not None:
-            # Out-of-place: the caller's logits stay untouched.
-            logits = logits.index_put(md.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
-        if md.logit_bias is not None:
-            rows, ids, bias = md.logit_bias
-            logits = logits.index_put((rows, ids), bias, accumulate=True)
-
+        logits = apply_logits_processors(logits, md)
         sampled = self._sample(logits, md)
         out = SamplerOutput(sampled_token_ids=sampled)
         if raw_logprobs is not None:
@@ -102,6 +93,22 @@ class Sampler(nn.Module):
         if greedy is None:
             return sampled
         return torch.where(is_greedy, greedy, sampled)
+
+
+def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Every per-request change to the logits before temperature: token constraints, penalties,
+    min_tokens, logit_bias. Shared by the sampler and the rejection sampler, so a row is sampled
+    from the same distribution whether or not it carries drafts."""
+    logits = apply_token_constraints(logits, md)
+    if not md.no_penalties:
+        logits = apply_penalties(logits, md)
+    if md.min_tokens_mask is not None:
+        # Out-of-place: the caller's logits stay untouched.
+        logits = logits.index_put(md.min_tokens_mask, torch.tensor(float("-inf"), device=logits.device))
+    if md.logit_bias is not None:
+        rows, ids, bias = md.logit_bias
+        logits = logits.index_put((rows, ids), bias, accumulate=True)
+    return logits
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
