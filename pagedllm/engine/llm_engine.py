@@ -24,6 +24,7 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
 from pagedllm.engine.output_processor import OutputProcessor, RequestState
+from pagedllm.logging_utils import log_phase
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
@@ -51,17 +52,31 @@ class LLMEngine:
 
         self.args = args
         self.model_config: ModelConfig = args.model_config()
-        resolve_model(self.model_config)
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
+        # One log line per start-up phase with its time (logging_utils.log_phase).
+        with log_phase(logger, "config") as phase:
+            resolve_model(self.model_config)
+            mc = self.model_config
+            phase.detail = (f"{mc.model} ({mc.load_format}, {mc.hf_config.architectures[0]}), "
+                            f"max_model_len {mc.max_model_len}")
+        if not args.skip_tokenizer_init:
+            with log_phase(logger, "tokenizer"):
+                self.tokenizer = load_tokenizer(self.model_config)
+        else:
+            self.tokenizer = None
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
-        self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
-                                        args.device_config(), args.parallel_config())
-        num_blocks = self.executor.determine_num_blocks()
+        with log_phase(logger, "weights") as phase:  # the worker loads the model as it is built
+            self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
+                                            args.device_config(), args.parallel_config())
+            phase.detail = f"{self.model_config.torch_dtype}".removeprefix("torch.")
+        with log_phase(logger, "memory profile"):
+            num_blocks = self.executor.determine_num_blocks()
         num_cpu_blocks = 0
         if self.scheduler_config.preemption_mode == "swap":
             num_cpu_blocks = int(self.cache_config.swap_space * (1 << 30) // self.executor.kv_cache_bytes_per_block())
-        self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        with log_phase(logger, "KV cache") as phase:  # on a GPU this includes the CUDA graph capture
+            phase.detail = f"{num_blocks} blocks"
+            self.executor.initialize_cache(num_blocks, num_cpu_blocks)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
         config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else min(config_eos, default=None)
