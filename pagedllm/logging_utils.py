@@ -58,3 +58,31 @@ def log_phase(logger: logging.Logger, name: str) -> Iterator[Phase]:
     phase.seconds = time.perf_counter() - start
     # stacklevel 3: the record names the module of the `with` (past contextlib's __exit__), not this one.
     logger.info("%s%s (%.2f s)", name, f": {phase.detail}" if phase.detail else "", phase.seconds, stacklevel=3)
+
+
+def wants_traceback(debug: bool = False) -> bool:
+    """A traceback is shown for ``--debug`` or a DEBUG log level (flag or $PAGEDLLM_LOGGING_LEVEL)."""
+    return debug or logging.getLogger(LOGGER_NAME).isEnabledFor(logging.DEBUG) or \
+        os.environ.get("PAGEDLLM_LOGGING_LEVEL", "").upper() == "DEBUG"
+
+
+def exit_on_error(prog: str, error: BaseException, debug: bool = False) -> None:
+    """Report ``error`` as one line on stderr and exit 1 (130 for Ctrl-C); the traceback only when asked.
+
+    Every subcommand ends this way: a bad path, an unknown architecture, a port in use
+    or a context longer than the KV cache is the user's to fix, not a stack to read.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        print(file=sys.stderr)
+        sys.exit(130)
+    if wants_traceback(debug):
+        import traceback
+
+        traceback.print_exception(error)
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not isinstance(error, (ValueError, OSError)):  # not an input error: name it, point at the traceback
+        message = f"{type(error).__name__}: {message}"
+        if not wants_traceback(debug):
+            message += " (run with --debug for the traceback)"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(1)

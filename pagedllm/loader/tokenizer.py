@@ -30,10 +30,21 @@ _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "un
 
 def load_tokenizer(model_config: ModelConfig) -> Any:
     """``model_config.tokenizer`` when set, else the model's own tokenizer."""
+    tokenizer = _load(model_config)
+    if model_config.chat_template is not None:  # --chat-template replaces the model's own
+        tokenizer.chat_template = model_config.chat_template
+    return tokenizer
+
+
+def _load(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
+
+    from pagedllm.loader.hub import is_hub_id, resolve_hub_id
 
     source = model_config.tokenizer or model_config.model or default_model_path()
     source = os.path.expanduser(str(source))
+    if not os.path.exists(source) and is_hub_id(source):
+        source = resolve_hub_id(source, model_config.revision, model_config.download_dir, what="tokenizer")
     if not os.path.exists(source):
         raise ValueError(f"tokenizer: {source!r} does not exist")
     if os.path.isfile(source) and source.endswith(".json"):
