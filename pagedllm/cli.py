@@ -32,13 +32,13 @@ class _DeprecatedAlias(argparse.Action):
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
-    group.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: all (default: 0)")
+    group.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    group.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: all")
     group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     group.add_argument("--sampling-seed", type=int, default=None,
-                       help="seed of the sampling random stream, for reproducible samples (default: none); "
+                       help="seed of the sampling random stream, for reproducible samples; "
                             "--seed seeds the engine")
     group.add_argument("--seed-sampling", dest="sampling_seed", type=int, action=_DeprecatedAlias,
                        new_name="--sampling-seed", help=argparse.SUPPRESS)
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt text")
     chat = sub.add_parser("chat", help="interactive chat in the terminal, through the chat template",
                           formatter_class=fmt)
-    chat.add_argument("--system", default=None, help="system prompt (default: none)")
+    chat.add_argument("--system", default=None, help="system prompt")
     for command in (gen, chat):
         EngineArgs.add_cli_args(command)
         _sampling_args(command)
