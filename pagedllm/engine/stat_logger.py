@@ -10,11 +10,13 @@ Off with ``--disable-log-requests`` / ``--disable-log-stats`` (the offline ``LLM
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
+# Seconds between stats lines, as vLLM's default; $PAGEDLLM_LOG_STATS_INTERVAL changes it (tests use 0.5).
 STATS_INTERVAL_S = 5.0
 
 
@@ -31,7 +33,9 @@ def log_request(request_id: str, prompt: str | None, prompt_ids: list[int], para
 class StatLogger:
     """Throughput since the last line, queue lengths and KV use, logged at most every ``interval`` seconds."""
 
-    def __init__(self, interval: float = STATS_INTERVAL_S) -> None:
+    def __init__(self, interval: float | None = None) -> None:
+        if interval is None:
+            interval = float(os.environ.get("PAGEDLLM_LOG_STATS_INTERVAL", STATS_INTERVAL_S))
         self.interval = interval
         self.last_time = time.monotonic()
         self.last_prompt_tokens = self.last_generation_tokens = 0
