@@ -76,6 +76,12 @@ def test_llm_logs_one_line_per_phase(caplog) -> None:
         lines = [m for m in messages if re.fullmatch(rf"{phase}(: .*)? \(\d+\.\d\d s\)", m)]
         assert len(lines) == 1, (phase, messages)
     assert any(r.module == "llm_engine" for r in caplog.records)  # the with-site, not logging_utils
+    from pagedllm import SamplingParams
+
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)
+    # The offline LLM is quiet as vLLM's is: no request lines, no stats lines (`serve` has them on).
+    assert not [r for r in caplog.records if "Received request" in r.getMessage() or "throughput" in r.getMessage()]
     llm.shutdown()
 
 
