@@ -9,6 +9,7 @@ reply being written and returns to the prompt; Ctrl-C at the prompt, or Ctrl-D, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import signal
 import sys
 from collections.abc import Callable
@@ -69,7 +70,7 @@ def _chat(ns: argparse.Namespace) -> None:
     params = _sampling_params(ns)
     history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
     print("pagedllm chat — Ctrl-C stops a reply; Ctrl-D, Ctrl-C or an empty line quits", file=sys.stderr)
-    for turn in range(sys.maxsize):
+    for turn in itertools.count():
         try:
             line = input("> ")
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
