@@ -56,3 +56,14 @@ def test_one_line_per_request_and_periodic_stats(served, smollm2_tokenizer) -> N
     assert len(requests) == 1, requests
     assert f"prompt {num_prompt_tokens} tokens" in requests[0] and "max_tokens=24" in requests[0]
     assert "Avg generation throughput" in text and "Running:" in text and "KV cache usage" in text
+
+
+def test_models_retrieve_through_the_openai_client(served) -> None:
+    import openai
+
+    base, _ = served
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    model = client.models.retrieve("yaml-model")
+    assert model.id == "yaml-model" and model.max_model_len == 200
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("other/model")
