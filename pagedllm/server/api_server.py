@@ -263,14 +263,7 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         cards = [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
         return ModelList(data=cards).model_dump()
 
-    # --- ux: GET /v1/models/{id}, the openai client's models.retrieve (ids may hold a slash: org/name) ---
-    @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> dict[str, Any]:
-        if model_id not in names:
-            raise OpenAIError(f"The model '{model_id}' does not exist.", 404, "invalid_request_error", "model",
-                              "model_not_found")
-        return ModelCard(id=model_id, root=engine.model_config.model,
-                         max_model_len=engine.model_config.max_model_len).model_dump()
+    _add_model_retrieve(app, engine, names)  # --- ux ---
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
@@ -283,6 +276,18 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
                               limits.request_timeout)
 
     return app
+
+
+def _add_model_retrieve(app: FastAPI, engine: AsyncEngine, names: list[str]) -> None:
+    """GET /v1/models/{id}, the openai client's ``models.retrieve`` (an id may hold a slash: org/name)."""
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        if model_id not in names:
+            raise OpenAIError(f"The model '{model_id}' does not exist.", 404, "invalid_request_error", "model",
+                              "model_not_found")
+        return ModelCard(id=model_id, root=engine.model_config.model,
+                         max_model_len=engine.model_config.max_model_len).model_dump()
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
