@@ -1,68 +1,130 @@
-"""Command line: `pagedllm serve`, `pagedllm generate "prompt"`, `pagedllm chat`."""
+"""Command line: `pagedllm serve`, `pagedllm generate "prompt"`, `pagedllm chat`, `pagedllm --version`.
+
+Every subcommand fails the same way: one line ``pagedllm <command>: error: ...`` on
+stderr and exit status 1 (argparse's usage errors keep status 2); ``--debug`` or
+``PAGEDLLM_LOGGING_LEVEL=DEBUG`` adds the traceback. In ``chat``, Ctrl-C stops the
+reply being written and returns to the prompt; Ctrl-C at the prompt, or Ctrl-D, quits.
+"""
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import signal
 import sys
+from collections.abc import Callable
 
+from pagedllm import __version__
 from pagedllm.config import EngineArgs
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores under the new flag's dest and warns that ``option_string`` is going away."""
+
+    def __init__(self, *args: object, new_name: str = "", **kwargs: object) -> None:
+        self.new_name = new_name
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"warning: {option_string} is deprecated; use {self.new_name}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed-sampling", type=int, default=None, help="seed for sampling")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    group.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0: all")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    group.add_argument("--sampling-seed", type=int, default=None,
+                       help="seed of the sampling random stream, for reproducible samples; "
+                            "--seed seeds the engine")
+    group.add_argument("--seed-sampling", dest="sampling_seed", type=int, action=_DeprecatedAlias,
+                       new_name="--sampling-seed", help=argparse.SUPPRESS)
 
 
 def _sampling_params(ns: argparse.Namespace):  # noqa: ANN202
     from pagedllm.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                          seed=ns.seed_sampling)
+                          seed=ns.sampling_seed, ignore_eos=ns.ignore_eos)
 
 
 def _generate(ns: argparse.Namespace) -> None:
     from pagedllm.engine.llm import LLM
 
     args = EngineArgs.from_cli_args(ns)
-    llm = LLM(**{k: v for k, v in vars(args).items() if k != "extra"})
-    for out in llm.generate(ns.prompt, _sampling_params(ns), use_tqdm=False):
-        print(out.outputs[0].text)
+    with LLM(**{k: v for k, v in vars(args).items() if k != "extra"}) as llm:
+        for out in llm.generate(ns.prompt, _sampling_params(ns), use_tqdm=False):
+            print(out.outputs[0].text)
 
 
 def _chat(ns: argparse.Namespace) -> None:
     """Interactive chat: each line is a user turn; the reply streams token by token."""
-    import uuid
-
     from pagedllm.engine.chat_utils import apply_chat_template
     from pagedllm.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(ns))
     params = _sampling_params(ns)
-    history: list[dict] = []
-    if ns.system:
-        history.append({"role": "system", "content": ns.system})
-    print("pagedllm chat — empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
+    history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
+    print("pagedllm chat — Ctrl-C stops a reply; Ctrl-D, Ctrl-C or an empty line quits", file=sys.stderr)
+    for turn in itertools.count():
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
+            print()
             break
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        req_id = uuid.uuid4().hex
-        engine.add_request(req_id, apply_chat_template(engine.tokenizer, history), params)
-        shown = ""
+        engine.add_request(f"chat-{turn}", apply_chat_template(engine.tokenizer, history), params)
+        history.append({"role": "assistant", "content": _stream_reply(engine, f"chat-{turn}")})
+
+
+def _stream_reply(engine, request_id: str) -> str:  # noqa: ANN001 - an LLMEngine
+    """Print the reply as it grows; Ctrl-C aborts it between two steps and returns what was shown.
+
+    SIGINT only sets a flag here: an interrupt inside a step could leave the scheduler
+    and the model runner disagreeing about what was computed.
+    """
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    shown = ""
+    try:
         while engine.has_unfinished_requests():
+            if interrupted:
+                engine.abort_request(request_id)
+                print(" [interrupted]", end="")
+                break
             for out in engine.step():
                 text = out.outputs[0].text
                 print(text[len(shown):], end="", flush=True)
                 shown = text
-        print()
-        history.append({"role": "assistant", "content": shown})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        print(flush=True)
+    return shown
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description="LLM inference and serving with a paged KV cache.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pagedllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,chat}")
+    sub.add_parser("serve", help="OpenAI-compatible server (see `pagedllm serve --help`)", add_help=False)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    gen = sub.add_parser("generate", help="complete a prompt and print the completion", formatter_class=fmt)
+    gen.add_argument("prompt", help="the prompt text")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, through the chat template",
+                          formatter_class=fmt)
+    chat.add_argument("--system", default=None, help="system prompt")
+    for command in (gen, chat):
+        EngineArgs.add_cli_args(command)
+        _sampling_args(command)
+        command.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,23 +134,20 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="pagedllm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="OpenAI-compatible server (see `pagedllm serve --help`)")
-    gen = sub.add_parser("generate", help="complete a prompt")
-    gen.add_argument("prompt")
-    EngineArgs.add_cli_args(gen)
-    _sampling_args(gen)
-    chat = sub.add_parser("chat", help="interactive chat")
-    chat.add_argument("--system", default=None, help="system prompt")
-    EngineArgs.add_cli_args(chat)
-    _sampling_args(chat)
-    ns = parser.parse_args(argv)
+    ns = build_parser().parse_args(argv)
+    run_command(f"pagedllm {ns.command}", {"generate": _generate, "chat": _chat}[ns.command], ns)
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], None], ns: argparse.Namespace) -> None:
+    """Run ``command(ns)`` with logging set up; any failure becomes one line and exit status 1."""
+    from pagedllm.logging_utils import configure_logging, exit_on_error
+
+    debug = getattr(ns, "debug", False)
     try:
-        {"generate": _generate, "chat": _chat}[ns.command](ns)
-    except ValueError as e:  # bad option values: a message, not a traceback
-        print(f"pagedllm: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        configure_logging("debug" if debug else None)
+        command(ns)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the one place a CLI error becomes a message
+        exit_on_error(prog, e, debug)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ class ModelConfig:
     seed: int = 0
     tokenizer: str | None = None
     quantization: str | None = None  # None: dense weights; else a name in pagedllm.quantization
+    revision: str | None = None  # Hugging Face Hub revision (branch, tag or commit) of a repo id
+    download_dir: str | None = None  # Hub cache directory; None: huggingface_hub's default
+    chat_template: str | None = None  # overrides the tokenizer's template (Jinja text)
     hf_config: Any = None  # filled by the loader: a transformers PretrainedConfig
     torch_dtype: Any = None  # filled by the loader: the torch.dtype weights and KV cache use
 
@@ -103,11 +106,21 @@ class EngineArgs:
     # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}; parsed in __post_init__.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
     # --- end speculative decoding ---
+    # --- ux: model source, chat template, logging (vLLM's names) ---
+    revision: str | None = None
+    download_dir: str | None = None
+    chat_template: str | None = None  # a Jinja file path or the template itself
+    disable_log_requests: bool = True  # offline LLM: quiet; `pagedllm serve` turns request lines on
+    disable_log_stats: bool = True  # offline LLM: quiet; `pagedllm serve` logs stats every few seconds
+    max_log_len: int | None = None  # characters of a prompt shown in a request line (None: all)
+    # --- end ux ---
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.load_format == "safetensors":  # vLLM's name for a HF safetensors checkpoint
+            self.load_format = "hf"
         if self.load_format not in ("auto", "hf", "gguf", "dummy"):
             raise ValueError(f"load_format must be auto, hf, gguf or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp32", "fp16"):
@@ -148,7 +161,8 @@ class EngineArgs:
         return ModelConfig(
             model=self.model, load_format=self.load_format, dtype=self.dtype,
             max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
-            quantization=self.quantization,
+            quantization=self.quantization, revision=self.revision, download_dir=self.download_dir,
+            chat_template=_read_chat_template(self.chat_template),
         )
 
     def cache_config(self) -> CacheConfig:
@@ -177,34 +191,49 @@ class EngineArgs:
     # ---- CLI ---------------------------------------------------------------
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+        """The engine's flags under vLLM's names; every flag's help ends with its default."""
         if model_positional:
-            parser.add_argument("model_tag", nargs="?", default=None, help="model (HF dir or .gguf)")
-        parser.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2)")
-        parser.add_argument("--tokenizer", default=None)
-        parser.add_argument("--load-format", default="auto", choices=["auto", "hf", "gguf", "dummy"])
-        parser.add_argument("--dtype", default="auto")
-        parser.add_argument("--max-model-len", type=int, default=None)
-        parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--block-size", type=int, default=16)
-        parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-        parser.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true")
-        parser.set_defaults(enable_prefix_caching=True)
-        parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-        parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
-        parser.add_argument("--cpu-kv-cache-gib", type=float, default=1.0)
-        parser.add_argument("--swap-space", type=float, default=4.0)
-        parser.add_argument("--max-num-seqs", type=int, default=256)
-        parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-        parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
-        parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-        parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        parser.add_argument("--enforce-eager", action="store_true")
-        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-        parser.add_argument("--quantization", "-q", default=None, help="weight quantization method (default: none)")
-        parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-        parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-        parser.add_argument("--served-model-name", default=None)
-        parser.add_argument("--skip-tokenizer-init", action="store_true")
+            parser.add_argument("model_tag", nargs="?", default=None,
+                                help="model: a HF directory, a .gguf file or a Hub repo id (org/name)")
+        add = parser.add_argument
+        add("--model", default=None, help="HF model directory, .gguf file or Hub repo id; None: SmolLM2-135M")
+        add("--tokenizer", default=None, help="tokenizer directory, .gguf or Hub repo id; None: the model's")
+        add("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id")
+        add("--download-dir", default=None, help="Hub cache directory; None: huggingface_hub's default")
+        add("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"],
+            help="weight format; auto: from the path (safetensors is an alias of hf)")
+        add("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: the checkpoint's; "
+                                            "float32 on the CPU)")
+        add("--max-model-len", type=int, default=None, help="context length; None: the model's own")
+        add("--seed", type=int, default=0, help="seed of the engine's random state")
+        add("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
+        add("--enable-prefix-caching", dest="enable_prefix_caching", action=argparse.BooleanOptionalAction,
+            default=True, help="reuse the KV cache of shared prompt prefixes")
+        add("--gpu-memory-utilization", type=float, default=0.9,
+            help="fraction of GPU memory for weights, activations and KV cache")
+        add("--num-gpu-blocks-override", type=int, default=None, help="KV cache blocks, instead of profiling")
+        add("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU, in GiB")
+        add("--swap-space", type=float, default=4.0, help="CPU memory for swapped-out KV blocks, in GiB")
+        add("--max-num-seqs", type=int, default=256, help="requests running at once")
+        add("--max-num-batched-tokens", type=int, default=None,
+            help="tokens per step (prefill chunks and decodes); None: max(8192, max-num-seqs)")
+        add("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help="order of waiting requests")
+        add("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+            help="what happens to a preempted request's KV cache")
+        add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
+        add("--enforce-eager", action="store_true", help="no CUDA graphs")
+        add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+            help="auto: Triton on CUDA, torch on the CPU")
+        add("--quantization", "-q", default=None, help="weight quantization method; None: dense weights")
+        add("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs for tensor parallelism")
+        add("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+        add("--served-model-name", nargs="+", default=None,
+            help="model name(s) in the API (the first is reported); None: the model path")
+        add("--skip-tokenizer-init", action="store_true", help="token ids in and out only, no tokenizer")
+        add("--chat-template", default=None, help="chat template (a Jinja file or the template); "
+                                                  "None: the tokenizer's")
+        add("--max-log-len", type=int, default=None, help="prompt characters shown in a request log line; "
+                                                          "None: all")
         # --- speculative decoding ---
         parser.add_argument("--speculative-config", type=_speculative_config, default=None,
                             help='speculative decoding as JSON, e.g. \'{"method": "ngram", '
@@ -215,6 +244,9 @@ class EngineArgs:
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
         names = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in vars(ns).items() if k in names}
+        names_given = kwargs.get("served_model_name")
+        if isinstance(names_given, list) and len(names_given) == 1:
+            kwargs["served_model_name"] = names_given[0]
         if getattr(ns, "model_tag", None):
             kwargs["model"] = ns.model_tag
         return cls(**kwargs)
@@ -235,3 +267,15 @@ def _speculative_config(text: str) -> SpeculativeConfig:
     except (ValueError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 # --- end speculative decoding ---
+def _read_chat_template(template: str | None) -> str | None:
+    """``--chat-template``: a file's text, or the template given inline (as vLLM takes it)."""
+    import os
+
+    if template is None:
+        return None
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in template:  # neither a file nor Jinja: most likely a mistyped path
+        raise ValueError(f"chat_template: {template!r} is not a file and does not look like a Jinja template")
+    return template

@@ -15,6 +15,7 @@ from typing import Any
 from pagedllm.config import EngineArgs
 from pagedllm.engine.beam_search import BeamSearchOutput
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.logging_utils import configure_logging
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
@@ -23,8 +24,41 @@ PromptType = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
+        configure_logging()  # start-up phases and warnings on stderr, as vLLM's LLM shows them
+        self._engine: LLMEngine | None = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
         self._counter = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("this LLM has been shut down; build a new LLM to generate again")
+        return self._engine
+
+    # ---- life ----------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Free the model, the KV cache and the CUDA graphs now (idempotent); the LLM is unusable after.
+
+        A notebook can then build a second LLM in the same process: nothing of this
+        one stays on the GPU. ``del llm`` and leaving a ``with LLM(...)`` block do the same.
+        """
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is None:
+            return
+        engine.abort_request(list(engine.requests))
+        del engine  # the last reference: the model and its caches go with it (cycles too, below)
+        _release_memory()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn modules down already
+            pass
 
     def get_tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
         return self.engine.tokenizer
@@ -105,6 +139,34 @@ class LLM:
         finally:
             bar.close()
         return [finished[i] for i in ids]
+
+
+def _release_memory() -> None:
+    """Collect reference cycles (modules hold some) and hand cached GPU blocks back to the driver."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Give freed host memory back to the OS (glibc keeps large freed blocks in its heap otherwise:
+    after the first free its mmap threshold rises, so the next engine's tensors come from the heap)."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

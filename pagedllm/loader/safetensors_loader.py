@@ -41,3 +41,14 @@ def iter_safetensors_weights(directory: str) -> Iterator[tuple[str, torch.Tensor
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+def count_safetensors(directory: str) -> int:
+    """The number of tensors in the checkpoint (headers only), for the progress bar."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            total += len(f.keys())
+    return total

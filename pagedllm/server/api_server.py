@@ -263,6 +263,8 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         cards = [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
         return ModelList(data=cards).model_dump()
 
+    _add_model_retrieve(app, engine, names)  # --- ux ---
+
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
         return await _respond(raw, bool(request.stream), lambda: completion.create_completion(request),
@@ -276,27 +278,125 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
     return app
 
 
+def _add_model_retrieve(app: FastAPI, engine: AsyncEngine, names: list[str]) -> None:
+    """GET /v1/models/{id}, the openai client's ``models.retrieve`` (an id may hold a slash: org/name)."""
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        if model_id not in names:
+            raise OpenAIError(f"The model '{model_id}' does not exist.", 404, "invalid_request_error", "model",
+                              "model_not_found")
+        return ModelCard(id=model_id, root=engine.model_config.model,
+                         max_model_len=engine.model_config.max_model_len).model_dump()
+
+
 def make_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedllm serve",
+    """``pagedllm serve``'s flags: vLLM's names, each with its help and default."""
+    from pagedllm.vllm_flags import add_vllm_compat_args
+
+    parser = argparse.ArgumentParser(prog="pagedllm serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      description="Serve a model over the OpenAI API (default: SmolLM2-135M).")
+    parser.add_argument("--config", default=None, help="YAML file of flags (names without --); "
+                                                       "flags on the command line win")
     EngineArgs.add_cli_args(parser, model_positional=True)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind")
     parser.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
                         help="require this key on /v1 routes (default: $PAGEDLLM_API_KEY)")
     parser.add_argument("--uvicorn-log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+                        choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
+    parser.add_argument("--debug", action="store_true", help="debug logs, and tracebacks with start-up errors")
+    _add_frontend_args(parser)
     # Process life (server/lifecycle.py).
     parser.add_argument("--health-stall-timeout", type=_positive_float, default=60.0,
                         help="/health answers 503 once the engine has had work for this many seconds "
-                             "without completing a step (default 60)")
+                             "without completing a step")
     parser.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
                         help="on SIGTERM, drain requests in flight for at most this many seconds, "
-                             "then abort the rest (default 30)")
+                             "then abort the rest")
     parser.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death", action="store_false",
                         help="keep serving 503 when the engine dies instead of exiting with status 1")
     _add_admission_args(parser)
+    add_vllm_compat_args(parser)
     return parser
+
+
+def _add_frontend_args(parser: argparse.ArgumentParser) -> None:
+    """Logging, CORS, root path and TLS: vLLM's frontend flags."""
+    group = parser.add_argument_group("frontend")
+    group.add_argument("--disable-log-requests", action="store_true", default=False,
+                       help="no log line per request (id, prompt length, sampling parameters)")
+    group.add_argument("--enable-log-requests", action="store_true", help="log a line per request (the default)")
+    group.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput / queue / KV lines")
+    group.add_argument("--allowed-origins", type=_string_list, default=["*"],
+                       help="CORS origins: a JSON list or comma-separated")
+    group.add_argument("--allowed-methods", type=_string_list, default=["*"], help="CORS methods")
+    group.add_argument("--allowed-headers", type=_string_list, default=["*"], help="CORS headers")
+    group.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    group.add_argument("--root-path", default=None, help="path prefix when behind a path-based proxy")
+    group.add_argument("--ssl-keyfile", default=None, help="TLS private key file (with --ssl-certfile: HTTPS)")
+    group.add_argument("--ssl-certfile", default=None, help="TLS certificate file")
+    group.add_argument("--ssl-ca-certs", default=None, help="CA certificates to verify clients with")
+    group.add_argument("--ssl-cert-reqs", type=int, default=0,
+                       help="whether client certificates are required (Python ssl.CERT_* value)")
+
+
+def _string_list(text: str) -> list[str]:
+    import json
+
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(values, list):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return [str(v) for v in values]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_cors(app: FastAPI, args: argparse.Namespace) -> None:
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_credentials=args.allow_credentials,
+                       allow_methods=args.allowed_methods, allow_headers=args.allowed_headers)
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` from the frontend flags."""
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: pass both for HTTPS")
+    for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            raise ValueError(f"--{name.replace('_', '-')}: {path!r} does not exist")
+    return {"host": args.host, "port": args.port, "log_level": args.uvicorn_log_level,
+            "root_path": args.root_path or "", "ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile,
+            "ssl_ca_certs": args.ssl_ca_certs, "ssl_cert_reqs": args.ssl_cert_reqs}
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    """The serve flags with ``--config`` expanded; usage errors exit 2 as argparse does, an unreadable
+    config file is a ValueError."""
+    from pagedllm.vllm_flags import expand_config_file
+
+    parser = make_arg_parser()
+    return parser.parse_args(expand_config_file(argv, parser))
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError when ``host:port`` cannot be bound, found before the model is loaded (seconds, not minutes)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} "
+                             "(is another server running there? pick another --port)") from None
 
 
 def _positive_float(text: str) -> float:
@@ -324,14 +424,16 @@ def _add_admission_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-n", type=_positive_int, default=d.max_n, help="largest n and best_of (400 above)")
     group.add_argument("--max-prompts-per-request", type=_positive_int, default=d.max_prompts_per_request,
                        help="most prompts in one /v1/completions request (400 above)")
-    group.add_argument("--max-stop-strings", type=_positive_int, default=d.max_stop_strings)
-    group.add_argument("--max-stop-string-chars", type=_positive_int, default=d.max_stop_string_chars)
+    group.add_argument("--max-stop-strings", type=_positive_int, default=d.max_stop_strings,
+                       help="most stop strings in one request (400 above)")
+    group.add_argument("--max-stop-string-chars", type=_positive_int, default=d.max_stop_string_chars,
+                       help="longest stop string, in characters (400 above)")
     group.add_argument("--max-waiting-requests", type=_positive_int, default=DEFAULT_MAX_WAITING_REQUESTS,
                        help="unfinished requests held at once; more get 429 with Retry-After")
     group.add_argument("--max-request-body-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                        help="larger request bodies get 413")
     group.add_argument("--request-timeout", type=float, default=None,
-                       help="seconds until a request is aborted and answered 504 (default: no deadline)")
+                       help="seconds until a request is aborted and answered 504; None: no deadline")
 
 
 def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
@@ -350,22 +452,41 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``pagedllm serve``: load the engine, serve until SIGTERM (exit 0) or engine death (exit 1)."""
+    """``pagedllm serve``: load the engine, serve until SIGTERM (exit 0) or engine death (exit 1).
+
+    Start-up failures (a bad flag value, a model that cannot load, a port in use)
+    are one line on stderr and exit status 1; ``--debug`` adds the traceback.
+    """
     import uvicorn
+
+    from pagedllm.logging_utils import configure_logging, exit_on_error
+    from pagedllm.vllm_flags import check_vllm_compat_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         argv = argv[1:]
-    args = make_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine_args = EngineArgs.from_cli_args(args)
-    limits = _limits_from_args(args)
-    engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
+    debug = "--debug" in argv
+    try:
+        args = parse_serve_args(argv)
+        configure_logging("debug" if args.debug else None)
+        for note in check_vllm_compat_args(args):  # raises for a feature not built yet
+            logger.info("%s", note)
+        uvicorn_kwargs = uvicorn_options(args)
+        check_port_free(args.host, args.port)
+        engine_args = EngineArgs.from_cli_args(args)
+        engine_args.disable_log_requests = args.disable_log_requests
+        engine_args.disable_log_stats = args.disable_log_stats
+        limits = _limits_from_args(args)
+        engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - start-up errors become one line
+        exit_on_error("pagedllm serve", e, debug)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
     lifecycle = lifecycle_config(args)
     app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes)
-    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    add_cors(app, args)
+    scheme = "https" if args.ssl_certfile else "http"
+    logger.info("serving %s on %s://%s:%d%s", name, scheme, args.host, args.port, args.root_path or "")
+    config = uvicorn.Config(app, **uvicorn_kwargs)
     server = PagedServer(config, engine, lifecycle)
     try:
         server.run()
