@@ -481,7 +481,7 @@ class TokenizeRequest(RequestModel):
     @model_validator(mode="after")
     def _check_one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt or messages: send exactly one of them")
+            raise ValueError("prompt and messages: send exactly one of them")
         if self.add_generation_prompt and self.continue_final_message and self.messages is not None:
             raise ValueError("continue_final_message cannot be combined with add_generation_prompt")
         return self

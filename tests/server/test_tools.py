@@ -360,3 +360,37 @@ def test_forced_choice_round_trip(client, choice, stream):
         {"role": "tool", "tool_call_id": call_id, "content": "10:30"}]
     answer = _ask(client, history, tools=[WEATHER, TIME], tool_choice="none").choices[0]
     assert answer.message.content and answer.message.tool_calls is None
+
+
+# ---- langchain-openai against the server --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_model(tools_server):
+    from langchain_openai import ChatOpenAI  # a test dependency (pyproject's test extras)
+
+    return ChatOpenAI(base_url=tools_server + "/v1", api_key="unused", model=MODEL,
+                                       temperature=0, max_tokens=48, max_retries=0)
+
+
+def test_langchain_bind_tools_round_trip(chat_model):
+    from langchain_core.messages import ToolMessage
+    from langchain_core.messages.utils import convert_to_messages
+
+    model = chat_model.bind_tools([WEATHER, TIME])
+    history = convert_to_messages(FEW_SHOT)
+    reply = model.invoke(history)
+    (call,) = reply.tool_calls
+    assert (call["name"], call["args"]) == ("get_weather", {"city": "Rome"})
+    answer = model.invoke(history + [reply, ToolMessage("cloudy, 18C", tool_call_id=call["id"])])
+    assert not answer.tool_calls and "18" in answer.content
+
+
+@needs_structured_outputs
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(chat_model, method):
+    """Needs constrained decoding: json_schema goes through response_format, function_calling through a named
+    tool_choice."""
+    schema = {"title": "City", "description": "A city and its country", "type": "object",
+              "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    result = chat_model.with_structured_output(schema, method=method).invoke("Name a city in Italy.")
+    jsonschema.validate(result, schema)
