@@ -56,7 +56,7 @@ from pagedllm.engine.messages import (
     StatsSnapshot,
 )
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.config import EngineArgs
@@ -166,11 +166,12 @@ class AsyncEngine:
         finally:
             stream.abort()
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
                           priority: int = 0) -> RequestStream:
         """Tokenize (off the event loop), add the request to the engine and return its stream.
 
-        Raises ``ValueError`` for input the engine rejects, before any output exists.
+        Raises ``ValueError`` for input the engine rejects, before any output exists. With
+        ``BeamSearchParams`` the engine runs a beam search and the stream gets one final output.
         """
         self.check_health()
         self._check_admission()  # before tokenizing too: a flood must not queue up on the tokenizer thread

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from pagedllm.core.outputs import RequestUpdate
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -57,6 +58,13 @@ class BeamSearchSequence:
 @dataclass
 class BeamSearchOutput:
     sequences: list[BeamSearchSequence]  # best first
+
+    def to_request_output(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
+        """The finished search as a ``RequestOutput``: one sample per beam, best first (the server's shape)."""
+        n = len(prompt_ids)
+        samples = [CompletionOutput(i, s.text or "", s.tokens[n:], s.cum_logprob, None, s.finish_reason)
+                   for i, s in enumerate(self.sequences)]
+        return RequestOutput(request_id, None, list(prompt_ids), samples, finished=True)
 
 
 @dataclass

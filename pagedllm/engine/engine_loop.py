@@ -51,6 +51,7 @@ from pagedllm.engine.messages import (
     StatsSnapshot,
 )
 from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import BeamSearchParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.llm_engine import LLMEngine
@@ -84,6 +85,8 @@ class EngineLoop:
         self._idle = True  # waiting for work: no progress is owed
         # Requests added and not ended -> generation tokens reported so far (engine thread only).
         self._live: dict[str, int] = {}
+        # Beam searches added and not yet reported -> their prompt ids (engine thread only).
+        self._beam_prompts: dict[str, list[int]] = {}
         self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
         self._thread.start()
 
@@ -179,8 +182,12 @@ class EngineLoop:
             self._emit(AddResult(command.request_id, EngineDeadError(f"the engine stopped: {self.dead!r}")))
             return
         try:
-            self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                    priority=command.priority)
+            if isinstance(command.params, BeamSearchParams):
+                self.engine.add_beam_search_request(command.request_id, command.prompt_token_ids, command.params)
+                self._beam_prompts[command.request_id] = command.prompt_token_ids
+            else:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
+                                        priority=command.priority)
         except Exception as e:  # ValueError is a 400; anything else goes to the caller too
             self._emit(AddResult(command.request_id, e))
             return
@@ -211,7 +218,7 @@ class EngineLoop:
     # ---- steps -------------------------------------------------------------------
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step() + self._finished_beam_searches()
         except Exception as e:  # report to the requests, keep serving
             logger.exception("engine step failed; aborting the %d requests in flight", len(self._live))
             self._fail_all(EngineStepError(f"the engine failed while running this request: {e!r}"))
@@ -239,6 +246,15 @@ class EngineLoop:
         if records:
             self._emit(RequestRecords(records))
 
+    def _finished_beam_searches(self) -> list[RequestOutput]:
+        """Beam searches that ended this step, taken from the engine as one finished output each."""
+        if not self._beam_prompts:
+            return []
+        groups = self.engine.beam_search.groups
+        done = [rid for rid in self._beam_prompts if rid in groups and groups[rid].output is not None]
+        return [self.engine.beam_search.pop_output(rid).to_request_output(rid, self._beam_prompts.pop(rid))
+                for rid in done]
+
     def _fail_all(self, error: BaseException) -> None:
         """Fail every request in flight with ``error`` and abort them in the engine."""
         self._fail_requests(list(self._live), error)
@@ -258,6 +274,8 @@ class EngineLoop:
     def _end(self, request_ids: Iterable[str], error: BaseException | None, reason: str) -> None:
         """Tell the front end that these requests (those still live) ended with ``reason``."""
         ended = [rid for rid in request_ids if self._live.pop(rid, None) is not None]
+        for rid in ended:
+            self._beam_prompts.pop(rid, None)
         if not ended:
             return
         now = time.monotonic()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 # ---- front end -> engine ------------------------------------------------------------
 
@@ -24,7 +24,7 @@ from pagedllm.sampling_params import SamplingParams
 class AddRequest:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams  # BeamSearchParams: the engine's beam search, one final output
     priority: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the front end received it, for latency metrics
 

@@ -2,8 +2,9 @@
 
     pagedllm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine options]
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-GET /health, GET /version, GET /metrics. Every error, including pydantic's
+Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+POST /tokenize, POST /detokenize, GET|POST /ping, GET /health, GET /version, GET /metrics
+(/v1/embeddings answers 404 with the reason: docs/API_FIELDS.md). Every error, including pydantic's
 validation errors and unknown routes, is answered in OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``. With an API key set, the
 /v1 routes need ``Authorization: Bearer <key>`` (compared in constant time).
@@ -32,8 +33,15 @@ from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, health_problem
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.openapi import install_openapi
-from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from pagedllm.server.serving_chat import OpenAIServingChat
+from pagedllm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from pagedllm.server.serving_chat import ChatOptions, OpenAIServingChat
 from pagedllm.server.serving_completion import OpenAIServingCompletion
 from pagedllm.server.serving_engine import (
     OpenAIError,
@@ -45,6 +53,8 @@ from pagedllm.server.serving_engine import (
     to_openai_error,
     value_error_to_400,
 )
+from pagedllm.server.serving_tokenization import OpenAIServingTokenization
+from pagedllm.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +230,8 @@ async def _respond(raw: Request, stream: bool, create: Callable[[], Awaitable[An
 def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = None,
               api_key: str | None = None, lifecycle: LifecycleConfig | None = None,
               limits: ServingLimits | None = None,
-              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES) -> FastAPI:
+              max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
+              chat_options: ChatOptions | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``; each app has its own metrics registry."""
     lifecycle = lifecycle or LifecycleConfig()
     if served_model_name is None:
@@ -228,7 +239,8 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     limits = limits or ServingLimits()
     completion = OpenAIServingCompletion(engine, names, limits)
-    chat = OpenAIServingChat(engine, names, limits)
+    chat = OpenAIServingChat(engine, names, limits, chat_options)
+    tokenization = OpenAIServingTokenization(engine, names, limits)
     metrics = ServerMetrics(engine, names[0])
 
     app = FastAPI(title="pagedllm", version=pagedllm_version())
@@ -257,13 +269,14 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=engine.model_config.model, max_model_len=engine.model_config.max_model_len)
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        root, max_model_len = engine.model_config.model, engine.model_config.max_model_len
-        cards = [ModelCard(id=name, root=root, max_model_len=max_model_len) for name in names]
-        return ModelList(data=cards).model_dump()
+        return ModelList(data=[model_card(name) for name in names]).model_dump()
 
-    _add_model_retrieve(app, engine, names)  # --- ux ---
+    _add_extra_routes(app, names, model_card, tokenization, health)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
@@ -278,16 +291,36 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
     return app
 
 
-def _add_model_retrieve(app: FastAPI, engine: AsyncEngine, names: list[str]) -> None:
-    """GET /v1/models/{id}, the openai client's ``models.retrieve`` (an id may hold a slash: org/name)."""
+def _add_extra_routes(app: FastAPI, names: list[str], model_card: Callable[[str], ModelCard],
+                      tokenization: OpenAIServingTokenization, health: Callable[[], Awaitable[Response]]) -> None:
+    """The vLLM routes beside the OpenAI ones: one model's card, /tokenize, /detokenize, /ping, embeddings."""
 
     @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> dict[str, Any]:
+    async def get_model(model_id: str) -> dict[str, Any]:
         if model_id not in names:
-            raise OpenAIError(f"The model '{model_id}' does not exist.", 404, "invalid_request_error", "model",
+            raise OpenAIError(f"The model `{model_id}` does not exist.", 404, "invalid_request_error", "model",
                               "model_not_found")
-        return ModelCard(id=model_id, root=engine.model_config.model,
-                         max_model_len=engine.model_config.max_model_len).model_dump()
+        return model_card(model_id).model_dump()
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> dict[str, Any]:
+        return (await tokenization.tokenize(request)).model_dump(exclude_none=True)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> dict[str, Any]:
+        return (await tokenization.detokenize(request)).model_dump()
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """SageMaker's liveness route, as vLLM serves it: the same answer as /health."""
+        return await health()
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        # Pooling needs the final hidden state, which the model runner does not return (docs/API_FIELDS.md).
+        return OpenAIError("This server runs generative models only: /v1/embeddings is not available "
+                           "(see docs/API_FIELDS.md).", 404, "invalid_request_error", None,
+                           "embeddings_not_supported").to_response()
 
 
 def make_arg_parser() -> argparse.ArgumentParser:
@@ -317,6 +350,18 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death", action="store_false",
                         help="keep serving 503 when the engine dies instead of exiting with status 1")
     _add_admission_args(parser)
+    # --- tools and request fields (issue 16) ---
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='allow tool_choice "auto" (needs --tool-call-parser); without it "auto" is a 400')
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                        help="how tool calls are read from replies under tool_choice auto (the default model "
+                             "writes hermes-style <tool_call> blocks)")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="accept a chat_template in requests (off: a 400), since a template can run "
+                             "for as long as it likes on the tokenizer thread")
+    parser.add_argument("--max-logprobs", type=_logprobs_bound, default=ServingLimits().max_logprobs,
+                        help="largest logprobs / top_logprobs / prompt_logprobs a request may ask for (0-20)")
+    # --- end tools and request fields ---
     add_vllm_compat_args(parser)
     return parser
 
@@ -399,6 +444,19 @@ def check_port_free(host: str, port: int) -> None:
                              "(is another server running there? pick another --port)") from None
 
 
+def _logprobs_bound(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 20:  # the engine computes at most 20 per position (SamplingParams)
+        raise argparse.ArgumentTypeError(f"must be in [0, 20], got {value}")
+    return value
+
+
+def chat_options(args: argparse.Namespace) -> ChatOptions:
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    return ChatOptions(args.enable_auto_tool_choice, args.tool_call_parser, args.trust_request_chat_template)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -441,7 +499,7 @@ def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
         raise SystemExit("--request-timeout must be > 0")
     return ServingLimits(max_n=args.max_n, max_prompts_per_request=args.max_prompts_per_request,
                          max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
-                         request_timeout=args.request_timeout)
+                         request_timeout=args.request_timeout, max_logprobs=args.max_logprobs)
 
 
 def _positive_int(text: str) -> int:
@@ -477,12 +535,13 @@ def main(argv: list[str] | None = None) -> None:
         engine_args.disable_log_requests = args.disable_log_requests
         engine_args.disable_log_stats = args.disable_log_stats
         limits = _limits_from_args(args)
+        options = chat_options(args)
         engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - start-up errors become one line
         exit_on_error("pagedllm serve", e, debug)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
     lifecycle = lifecycle_config(args)
-    app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes)
+    app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes, options)
     add_cors(app, args)
     scheme = "https" if args.ssl_certfile else "http"
     logger.info("serving %s on %s://%s:%d%s", name, scheme, args.host, args.port, args.root_path or "")

@@ -47,11 +47,15 @@ class OpenAIServingCompletion(OpenAIServing):
         """Validate, add the requests, and return the response or (stream=True) the SSE lines."""
         deadline = self.deadline()  # a stream's deadline counts from arrival, like a whole response's
         model_name = self.check_model(request.model)
+        self.check_logprobs(logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs)
+        if request.stream and request.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not available when streaming", "prompt_logprobs")
         prompts = await self._tokenize(request)
-        params = [with_constraints(request, request.to_sampling_params(  # structured outputs
-            self.resolve_max_tokens(len(p.token_ids), request.max_tokens)))
-                  for p in prompts]  # one SamplingParams per request: the engine fills in fields of its own
-        request_id = random_id("cmpl")
+        build = request.to_beam_search_params if request.use_beam_search else request.to_sampling_params
+        params = [build(self.resolve_max_tokens(len(p.token_ids), request.max_tokens)) for p in prompts]
+        if not request.use_beam_search:  # structured outputs and token constraints
+            params = [with_constraints(request, p) for p in params]  # one object per request: the engine fills it
+        request_id = f"cmpl-{request.request_id}" if request.request_id else random_id("cmpl")
         streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
@@ -77,14 +81,19 @@ class OpenAIServingCompletion(OpenAIServing):
         texts = [p for p in raw if isinstance(p, str)]
         for text in texts:  # before tokenizing: a huge prompt would hold the one tokenizer thread
             self.check_prompt_chars(len(text), "prompt")
-        encoded = iter(await self.engine.run_in_tokenizer_thread(lambda: [self.tokenizer.encode(t) for t in texts]))
+        special = request.add_special_tokens is not False
+        encoded = iter(await self.engine.run_in_tokenizer_thread(
+            lambda: [self.tokenizer.encode(t, add_special_tokens=special) for t in texts]))
         prompts = []
+        keep = request.truncate_prompt_tokens
         for p in raw:
             if isinstance(p, str):
-                prompts.append(_Prompt(p, next(encoded)))
+                ids = self.truncate_prompt(next(encoded), keep)
+                # A truncated prompt echoes the text of what is left (decoded below).
+                prompts.append(_Prompt(p if keep is None else None, ids))
             else:
                 self.check_token_ids(p, "prompt")
-                prompts.append(_Prompt(None, list(p)))
+                prompts.append(_Prompt(None, self.truncate_prompt(list(p), keep)))
         if request.echo and self.tokenizer is not None:
             undecoded = [p for p in prompts if p.text is None]
             decoded = await self.engine.run_in_tokenizer_thread(
@@ -102,9 +111,13 @@ class OpenAIServingCompletion(OpenAIServing):
             step_logprobs = self._prompt_steps(final, prompt) + step_logprobs
         logprobs = None
         if request.logprobs is not None:
-            logprobs = self.completion_logprobs(token_ids, step_logprobs, request.logprobs, 0)
+            logprobs = self.completion_logprobs(token_ids, step_logprobs, request.logprobs, 0,
+                                                request.return_tokens_as_token_ids)
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:
+            prompt_logprobs = self.prompt_logprobs_json(final)
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=sample.finish_reason,
-                                stop_reason=sample.stop_reason)
+                                stop_reason=sample.stop_reason, prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _steps(sample: CompletionOutput) -> list[StepLogprobs]:
@@ -116,7 +129,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return steps + [None] * (len(prompt.token_ids) - len(steps))
 
     def completion_logprobs(self, token_ids: list[int], steps: list[StepLogprobs], num_top: int,
-                            text_offset: int) -> CompletionLogProbs:
+                            text_offset: int, as_id: bool = False) -> CompletionLogProbs:
         """OpenAI's legacy logprobs: per token its text, logprob, offset and the top alternatives.
 
         ``top_logprobs`` holds the sampled token plus the top ``num_top`` (so up to num_top + 1
@@ -125,17 +138,17 @@ class OpenAIServingCompletion(OpenAIServing):
         out = CompletionLogProbs()
         for token_id, step in zip(token_ids, steps, strict=True):
             sampled = step.get(token_id) if step else None
-            token = self.token_text(token_id, sampled)
+            token = self.token_text(token_id, sampled, as_id)
             out.tokens.append(token)
             out.text_offset.append(text_offset)
-            text_offset += len(token)
+            text_offset += len(self.token_text(token_id, sampled) if as_id else token)  # offsets count text
             if step is None:
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
                 continue
             out.token_logprobs.append(clamp_logprob(sampled.logprob if sampled else None))
             ranked = sorted(step.items(), key=lambda kv: (kv[0] != token_id, -kv[1].logprob))[: num_top + 1]
-            out.top_logprobs.append({self.token_text(t, lp): clamp_logprob(lp.logprob) for t, lp in ranked})
+            out.top_logprobs.append({self.token_text(t, lp, as_id): clamp_logprob(lp.logprob) for t, lp in ranked})
         return out
 
     async def _stream(self, request: CompletionRequest, prompts: list[_Prompt],
@@ -143,6 +156,7 @@ class OpenAIServingCompletion(OpenAIServing):
         n = request.n or 1
         tracker = DeltaTracker(n * len(prompts))
         sent_chars = [0] * (n * len(prompts))  # text already sent per choice, echo included: the logprob offsets
+        num_generated = [0] * (n * len(prompts))  # tokens per choice so far (usage)
         usage = UsageInfo(prompt_tokens=sum(len(p.token_ids) for p in prompts))
         async for i, output in outputs:
             for sample in output.outputs:
@@ -160,13 +174,15 @@ class OpenAIServingCompletion(OpenAIServing):
                     continue
                 logprobs = None
                 if request.logprobs is not None:
-                    logprobs = self.completion_logprobs(token_ids, steps, request.logprobs, sent_chars[index])
+                    logprobs = self.completion_logprobs(token_ids, steps, request.logprobs, sent_chars[index],
+                                                        request.return_tokens_as_token_ids)
                 sent_chars[index] += len(text)
-                if sample.finish_reason:
-                    usage.completion_tokens += len(sample.token_ids)
+                num_generated[index] = len(sample.token_ids)
+                usage.completion_tokens = sum(num_generated)
+                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
                                           finish_reason=sample.finish_reason, stop_reason=sample.stop_reason)
-                yield sse(CompletionResponse(**header, choices=[choice]))
+                chunk_usage = usage.model_copy() if request.include_continuous_usage else None
+                yield sse(CompletionResponse(**header, choices=[choice], usage=chunk_usage))
         if request.include_usage_in_stream:
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             yield sse(CompletionResponse(**header, choices=[], usage=usage))

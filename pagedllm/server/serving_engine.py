@@ -42,6 +42,7 @@ class ServingLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 1024
     request_timeout: float | None = None  # seconds until a request is aborted (504); None: no deadline
+    max_logprobs: int = 20  # logprobs, top_logprobs and prompt_logprobs (--max-logprobs)
 
 
 class OpenAIError(Exception):
@@ -221,15 +222,42 @@ class OpenAIServing:
             raise
         return streams
 
-    def token_text(self, token_id: int, logprob: Logprob | None) -> str:
+    def token_text(self, token_id: int, logprob: Logprob | None, as_id: bool = False) -> str:
+        """A token as logprobs show it; ``as_id`` (return_tokens_as_token_ids): ``token_id:<id>``, which
+        survives tokens that are not whole UTF-8 characters."""
+        if as_id:
+            return f"token_id:{token_id}"
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
 
+    def check_logprobs(self, **requested: int | None) -> None:
+        """400 for a logprobs count above --max-logprobs, naming the field."""
+        bound = self.limits.max_logprobs
+        for name, value in requested.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                raise bad_request(f"{name} must be at most {bound} (the server's --max-logprobs), got {value}", name)
+
+    @staticmethod
+    def truncate_prompt(prompt_ids: list[int], keep: int | None) -> list[int]:
+        """truncate_prompt_tokens (vLLM): keep only the last ``keep`` tokens of the prompt."""
+        return prompt_ids if keep is None else prompt_ids[-keep:]
+
+    def prompt_logprobs_json(self, output: RequestOutput) -> list[dict[str, Any] | None] | None:
+        """vLLM's ``prompt_logprobs``: per prompt token None (the first) or {id: {logprob, rank, decoded_token}}
+        (keyed by id already, so return_tokens_as_token_ids leaves the decoded text alone)."""
+        if output.prompt_logprobs is None:
+            return None
+        return [None if step is None else
+                {str(t): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank,
+                          "decoded_token": self.token_text(t, lp)} for t, lp in step.items()}
+                for step in output.prompt_logprobs]
+
 
 def sse(chunk: BaseModel) -> str:
-    """One server-sent event; unset optional fields (delta.role, logprobs, ...) are left out."""
-    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+    """One server-sent event. A choice's ``finish_reason`` and ``logprobs`` are sent as null until set, as
+    OpenAI's chunks carry them; fields declared with ``_omit_none`` (delta.role, usage) are left out instead."""
+    return f"data: {chunk.model_dump_json()}\n\n"
 
 
 class _DeadlinePassed(Exception):

@@ -11,3 +11,13 @@ def open_server(tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("open_server") / "server.log"
     with running_server(log, "--max-model-len", "512") as base:
         yield base
+
+
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory) -> str:
+    """The default model with the tools/fields flags: auto tool choice (hermes), request chat templates
+    trusted, --max-logprobs 5 (tests/server/test_tools.py, test_fields.py)."""
+    log = tmp_path_factory.mktemp("tools_server") / "server.log"
+    with running_server(log, "--max-model-len", "1024", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                        "--trust-request-chat-template", "--max-logprobs", "5") as base:
+        yield base

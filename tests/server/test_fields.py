@@ -9,12 +9,13 @@ choices (text, finish_reason, stop_reason, logprob values, usage) must equal wha
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from pagedllm import SamplingParams
 from pagedllm.outputs import RequestOutput
 from tests.reference import offline_llm
-from tests.server.sse import post
+from tests.server.sse import post, post_stream
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Name one color."}]
@@ -179,3 +180,161 @@ def test_chat_field_matches_offline(open_server, llm, request_fields, sp_fields,
     usage = response["usage"]
     assert usage["prompt_tokens"] == len(expected.prompt_token_ids)
     assert usage["completion_tokens"] == sum(len(s.token_ids) for s in expected.outputs)
+
+
+# ---- fields that were ignored before: each changes the output as documented, or is a 400 -------------------
+def _post_raw(base: str, path: str, body: dict) -> httpx.Response:
+    return httpx.post(base + path, json=body, timeout=300)
+
+
+def _assert_400(response: httpx.Response, param: str, match: str = "") -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and match in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("frobnicate", 1, "not a field of this API"),
+    ("functions", [], "use tools"),
+    ("logits_processors", ["x"], "not implemented"),
+    ("prompt_embeds", "AAAA", "text or token ids"),
+    ("length_penalty", 0.5, "use_beam_search"),
+    ("truncate_prompt_tokens", 0, ">= 1"),
+])
+def test_unimplemented_fields_are_400_naming_them(open_server, path, field, value, match):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": MESSAGES}
+    _assert_400(_post_raw(open_server, path, {**body, "max_tokens": 2, field: value}), field, match)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    (dict(store=True), "store"), (dict(modalities=["audio"]), "modalities"),
+    (dict(service_tier="flex"), "service_tier"),
+    (dict(add_generation_prompt=True, continue_final_message=True), "continue_final_message"),
+    (dict(chat_template_kwargs={"tools": []}), "chat_template_kwargs"),
+    (dict(chat_template="{{ messages }}"), "chat_template"),  # this server does not trust request templates
+    (dict(use_beam_search=True, stream=True), "use_beam_search"),
+    (dict(use_beam_search=True, top_p=0.5), "top_p"),
+    (dict(prompt_logprobs=1, stream=True), "prompt_logprobs"),
+])
+def test_chat_field_refusals(open_server, fields, param):
+    _assert_400(_post_raw(open_server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, **fields}),
+                param)
+
+
+def test_accepted_no_op_fields_do_not_change_the_reply(open_server):
+    plain = post(open_server, "/v1/chat/completions", {"messages": MESSAGES, **GREEDY})
+    noted = post(open_server, "/v1/chat/completions", {"messages": MESSAGES, **GREEDY, "metadata": {"k": "v"},
+                                                       "store": False, "service_tier": "auto", "modalities": ["text"],
+                                                       "prompt_cache_key": "k", "safety_identifier": "u"})
+    assert noted["choices"] == plain["choices"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_use_beam_search_matches_the_engines_beam_search(open_server, llm, path):
+    from pagedllm.sampling_params import BeamSearchParams
+
+    if path == "/v1/completions":
+        body, prompt = {"prompt": PROMPT}, PROMPT
+    else:
+        body = {"messages": MESSAGES}
+        prompt = {"prompt_token_ids": post(open_server, "/tokenize", {"messages": MESSAGES})["tokens"]}
+    response = post(open_server, path, {**body, "use_beam_search": True, "n": 3, "max_tokens": 8})
+    (expected,) = llm.beam_search(prompt, BeamSearchParams(beam_width=3, max_tokens=8))
+    texts = [c["text"] if "text" in c else c["message"]["content"] for c in response["choices"]]
+    assert texts == [s.text for s in expected.sequences]
+    assert len(set(texts)) == 3  # three distinct beams, best first
+    assert [c["finish_reason"] for c in response["choices"]] == [s.finish_reason for s in expected.sequences]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_match_offline(open_server, llm, path):
+    chat = path == "/v1/chat/completions"
+    prompt = MESSAGES if chat else PROMPT
+    body = {"messages": MESSAGES} if chat else {"prompt": PROMPT}
+    response = post(open_server, path, {**body, **GREEDY, "prompt_logprobs": 2})
+    got = response["prompt_logprobs"] if chat else response["choices"][0]["prompt_logprobs"]
+    expected = offline(llm, prompt, **GREEDY, prompt_logprobs=2)
+    assert len(got) == len(expected.prompt_token_ids) and got[0] is None
+    for token_id, step, want in zip(expected.prompt_token_ids[1:], got[1:], expected.prompt_logprobs[1:]):
+        assert str(token_id) in step  # the prompt's own token, plus the top 2
+        assert {int(t): v["logprob"] for t, v in step.items()} == pytest.approx(
+            {t: lp.logprob for t, lp in want.items()}, abs=LOGPROB_TOL)
+
+
+def test_return_tokens_as_token_ids(open_server, llm):
+    expected = offline(llm, PROMPT, **GREEDY, logprobs=1)
+    completion = post(open_server, "/v1/completions", {"prompt": PROMPT, **GREEDY, "logprobs": 1,
+                                                       "return_tokens_as_token_ids": True})
+    assert completion["choices"][0]["logprobs"]["tokens"] == [f"token_id:{t}" for t in expected.outputs[0].token_ids]
+    assert completion["choices"][0]["text"] == expected.outputs[0].text  # the text itself is unchanged
+    chat = post(open_server, "/v1/chat/completions", {"messages": MESSAGES, **GREEDY, "logprobs": True,
+                                                      "top_logprobs": 1, "return_tokens_as_token_ids": True})
+    tokens = [t["token"] for t in chat["choices"][0]["logprobs"]["content"]]
+    assert tokens and all(t.startswith("token_id:") and t[len("token_id:"):].isdigit() for t in tokens)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(open_server, llm):
+    ids = llm.get_tokenizer().encode(REPEATING)
+    response = post(open_server, "/v1/completions", {"prompt": REPEATING, **GREEDY, "truncate_prompt_tokens": 4})
+    assert response["usage"]["prompt_tokens"] == 4
+    (expected,) = llm.generate(ids[-4:], SamplingParams(**GREEDY), use_tqdm=False)
+    assert response["choices"][0]["text"] == expected.outputs[0].text
+    assert expected.outputs[0].text != offline(llm, REPEATING, **GREEDY).outputs[0].text
+
+
+def test_request_id_names_the_response(open_server):
+    response = post(open_server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "request_id": "abc"})
+    assert response["id"] == "chatcmpl-abc"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_chunks_carry_null_keys_and_continuous_usage(open_server, path):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": MESSAGES}
+    chunks = post_stream(open_server, path, {**body, **GREEDY, "ignore_eos": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    with_choices = [c for c in chunks if c["choices"]]
+    for chunk in with_choices:
+        choice = chunk["choices"][0]
+        assert "finish_reason" in choice and "logprobs" in choice and choice["logprobs"] is None
+    assert all(c["choices"][0]["finish_reason"] is None for c in with_choices[:-1])
+    done = [c["usage"]["completion_tokens"] for c in with_choices]
+    assert done == sorted(done) and done[-1] == GREEDY["max_tokens"] == chunks[-1]["usage"]["completion_tokens"]
+    plain = post_stream(open_server, path, {**body, **GREEDY})
+    assert all("usage" not in c for c in plain)  # without stream_options no usage key at all
+
+
+def test_continue_final_message_and_add_generation_prompt(open_server):
+    messages = [{"role": "user", "content": "Where is Paris?"}, {"role": "assistant", "content": "Paris is in"}]
+    fields = {"add_generation_prompt": False, "continue_final_message": True}
+    ids = post(open_server, "/tokenize", {"messages": messages, **fields})["tokens"]
+    chat = post(open_server, "/v1/chat/completions", {"messages": messages, **GREEDY, **fields})
+    completion = post(open_server, "/v1/completions", {"prompt": ids, **GREEDY})
+    assert chat["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
+    fresh = post(open_server, "/v1/chat/completions", {"messages": messages, **GREEDY})  # a new assistant turn
+    assert fresh["usage"]["prompt_tokens"] != chat["usage"]["prompt_tokens"]
+    echoed = post(open_server, "/v1/chat/completions", {"messages": messages, **GREEDY, **fields, "echo": True})
+    assert echoed["choices"][0]["message"]["content"] == "Paris is in" + completion["choices"][0]["text"]
+
+
+def test_request_chat_template_and_kwargs(tools_server):
+    template = "{{ prefix }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    chat = post(tools_server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": PROMPT}], **GREEDY, "chat_template": template,
+        "chat_template_kwargs": {"prefix": "Q: "}})
+    completion = post(tools_server, "/v1/completions", {"prompt": "Q: " + PROMPT, **GREEDY})
+    assert chat["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
+    assert chat["usage"]["prompt_tokens"] == completion["usage"]["prompt_tokens"]
+    broken = _post_raw(tools_server, "/v1/chat/completions", {"messages": MESSAGES, "chat_template": "{% for %}"})
+    _assert_400(broken, "chat_template", "could not render")
+
+
+@pytest.mark.parametrize(("path", "fields", "param"), [
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 6}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+])
+def test_max_logprobs_bounds_every_logprobs_field(tools_server, path, fields, param):
+    _assert_400(_post_raw(tools_server, path, {**fields, "max_tokens": 2}), param, "--max-logprobs")
+    ok = {k: (5 if v == 6 else v) for k, v in fields.items()}
+    assert _post_raw(tools_server, path, {**ok, "max_tokens": 2}).status_code == 200
