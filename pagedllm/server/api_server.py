@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
-from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, health_problem
+from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, ServeProcesses, health_problem
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.openapi import install_openapi
 from pagedllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -296,6 +296,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-exit-on-engine-death", dest="exit_on_engine_death", action="store_false",
                         help="keep serving 503 when the engine dies instead of exiting with status 1")
     _add_admission_args(parser)
+    _add_process_args(parser)
     return parser
 
 
@@ -334,6 +335,26 @@ def _add_admission_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds until a request is aborted and answered 504 (default: no deadline)")
 
 
+# --- engine core process (issue 10) ---
+def _add_process_args(parser: argparse.ArgumentParser) -> None:
+    """Which processes serve: the engine in its own process (default) and how many HTTP front ends."""
+    group = parser.add_argument_group("processes")
+    group.add_argument("--api-server-count", type=_positive_int, default=1,
+                       help="HTTP front-end processes sharing the port, all talking to the one engine process")
+    group.add_argument("--engine-in-process", action="store_true",
+                       help="run the engine on a thread of the server process instead of its own (debugging)")
+    # Set by the first front end when it starts the others (--api-server-count); not for users.
+    group.add_argument("--front-end-of", default=None, help=argparse.SUPPRESS)
+
+
+def _serve_processes(argv: list[str], args: argparse.Namespace, engine_args: EngineArgs) -> ServeProcesses:
+    try:
+        return ServeProcesses(argv, engine_args, args.api_server_count, args.engine_in_process, args.front_end_of)
+    except ValueError as e:
+        raise SystemExit(f"pagedllm serve: error: {e}") from e
+# --- end engine core process ---
+
+
 def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise SystemExit("--request-timeout must be > 0")
@@ -360,17 +381,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_args = EngineArgs.from_cli_args(args)
     limits = _limits_from_args(args)
-    engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
+    processes = _serve_processes(argv, args, engine_args)
+    engine = processes.start_engine(args.max_waiting_requests)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
     lifecycle = lifecycle_config(args)
     app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
-    server = PagedServer(config, engine, lifecycle)
+    server = PagedServer(config, engine, lifecycle, processes.front_ends)
     try:
-        server.run()
+        server.run(sockets=processes.sockets(args.host, args.port))
     finally:
-        engine.shutdown()
+        processes.shutdown(engine, lifecycle.shutdown_timeout + 5.0)
     if server.exit_code:
         sys.exit(server.exit_code)
 
