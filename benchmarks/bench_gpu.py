@@ -11,6 +11,9 @@ Each part runs in its own subprocess so memory is clean; each prints one JSON li
 report where the step time goes (scheduler, runner host work before the forward is queued, the rest of
 execute_model, which waits for the GPU, and the engine's output handling), for decode-only and mixed steps.
 
+A thin user of ``pagedllm.bench`` (dataset, roofline); ``--part serve`` runs the same mix256 load through
+``pagedllm serve`` (256 streaming clients) and offline in one call (``pagedllm bench serve --compare-offline``).
+
 Usage (on a GPU box, from the repo root):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py [--config benchmarks/configs/llama-3-8b] [--skip-hf]
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --part mix256 --enforce-eager   # one part, JSON out
@@ -21,72 +24,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from pagedllm.bench.datasets import mix256_prompts
+from pagedllm.bench.roofline import bound_seconds, measure_device, model_costs
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "llama-3-8b"
 
 
-def mix256_prompts(vocab_size: int, num: int = 256, lo: int = 100, hi: int = 1024, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    lens = [rng.randint(lo, hi) for _ in range(num)]
-    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lens]
-
-
-# ---- model arithmetic -------------------------------------------------------------
-def model_costs(cfg: dict) -> dict[str, float]:
-    h, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or h // nh
-    per_layer = h * (nh * hd) + 2 * h * (nkv * hd) + (nh * hd) * h + 3 * h * inter
-    matmul_params = L * per_layer  # per token through the layers
-    lm_head = h * V
-    return {
-        # bf16 bytes read per decode step: every matrix once, lm_head included; the embedding is a lookup.
-        "weight_bytes": 2 * (matmul_params + lm_head),
-        "layer_flops_per_token": 2 * matmul_params,
-        "lm_head_flops": 2 * lm_head,
-        "kv_bytes_per_token": L * 2 * nkv * hd * 2,
-        "attn_flops_per_pair": L * 4 * nh * hd,  # QK^T and PV, per (query, key) pair
-    }
-
-
-def bound_seconds(prompt_lens: list[int], out_len: int, costs: dict, bw: float, rate: float) -> dict[str, float]:
-    """Prefill FLOPs over the matmul rate + each decode step's bytes over bandwidth (all requests at once)."""
-    prefill_flops = sum(costs["layer_flops_per_token"] * p + costs["attn_flops_per_pair"] * p * (p + 1) / 2
-                        + costs["lm_head_flops"] for p in prompt_lens)
-    prefill_s = prefill_flops / rate
-    decode_s, decode_compute_s = 0.0, 0.0
-    for j in range(1, out_len):  # the first token comes from the prefill
-        kv = sum(p + j for p in prompt_lens) * costs["kv_bytes_per_token"]
-        decode_s += (costs["weight_bytes"] + kv) / bw
-        decode_compute_s += len(prompt_lens) * (costs["layer_flops_per_token"] + costs["lm_head_flops"]) / rate
-    return {"prefill_s": prefill_s, "decode_s": decode_s, "bound_s": prefill_s + decode_s,
-            "decode_compute_s": decode_compute_s}
-
-
-# ---- parts (each in its own process) ------------------------------------------------
+# The dataset and the roofline arithmetic live in pagedllm.bench (shared with `pagedllm bench`).
 def part_roofline() -> dict:
-    import torch
-    import triton
-
-    n = 1 << 30  # 2 GiB of bf16 per buffer: far larger than L2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median") / 1e3
-    bw = 2 * src.numel() * src.element_size() / t
-    src = dst = None
-    torch.cuda.empty_cache()
-    m = 8192
-    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    t = triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") / 1e3
-    return {"copy_bw": bw, "bf16_rate": 2 * m ** 3 / t, "card": torch.cuda.get_device_name()}
+    return measure_device()
 
 
 def _llm(config: str, **kw):

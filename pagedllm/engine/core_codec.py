@@ -45,11 +45,26 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
-def _unpack(data: bytes) -> Any:
+def _unpack(data: bytes) -> list:
     try:
-        return msgpack.unpackb(data, strict_map_key=False, raw=False)
+        wire = msgpack.unpackb(data, strict_map_key=False, raw=False)
     except (msgpack.UnpackException, ValueError) as e:
         raise ValueError(f"malformed engine message: {e!r}") from e
+    if not isinstance(wire, list) or not wire:
+        raise ValueError(f"malformed engine message: expected [kind, ...], got {type(wire).__name__}")
+    return wire
+
+
+def _malformed(fn):  # noqa: ANN001, ANN202 - a decorator for the two decode methods
+    """A message of the right kind but the wrong shape is a ValueError too, like bytes that do not parse."""
+
+    def decode(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (TypeError, IndexError, KeyError, AttributeError) as e:
+            raise ValueError(f"malformed engine message: {e!r}") from e
+
+    return decode
 
 
 def _error_out(error: BaseException | None) -> list[str] | None:
@@ -103,6 +118,7 @@ class EngineEncoder:
         self._sent: dict[str, dict[int, _SentSequence]] = {}
 
     @staticmethod
+    @_malformed
     def decode_command(data: bytes) -> m.EngineCommand:
         wire = _unpack(data)
         kind = wire[0]
@@ -202,6 +218,7 @@ class ClientDecoder:
         self._requests.clear()
         return request_ids
 
+    @_malformed
     def decode(self, data: bytes) -> m.EngineMessage:
         wire = _unpack(data)
         kind = wire[0]
