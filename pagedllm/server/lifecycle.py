@@ -35,11 +35,15 @@ import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
+
+if TYPE_CHECKING:
+    from pagedllm.engine.core_client import EngineCoreProcess
 
 logger = logging.getLogger(__name__)
 
@@ -165,22 +169,35 @@ class ServeProcesses:
             info = self.front_end_of
             die_with_parent(info["parent_pid"])
             addresses = CoreAddresses(info["input"], tuple(info["outputs"]))
-            return AsyncEngine.from_engine_core(self.engine_args, addresses, info["index"], info["engine_pid"],
-                                                None, max_waiting_requests)
+            engine = AsyncEngine.from_engine_core(self.engine_args, addresses, info["index"], info["engine_pid"],
+                                                  None, max_waiting_requests)
+            os.write(info["ready_fd"], b"1")  # the first front end waits for this before it serves
+            os.close(info["ready_fd"])
+            return engine
         self.core = core = EngineCoreProcess(self.engine_args, self.api_server_count)
         try:
             engine = AsyncEngine.from_engine_core(self.engine_args, core.addresses, 0, core.pid, core,
                                                   max_waiting_requests)
+            self._start_front_ends(core)
         except BaseException:
-            core.process.kill()
+            for proc in [*self.front_ends, core.process]:
+                proc.kill()
             core.shutdown(0)
             raise
-        for index in range(1, self.api_server_count):
-            info = {"index": index, "input": core.addresses.input, "outputs": list(core.addresses.outputs),
-                    "engine_pid": core.pid, "parent_pid": os.getpid()}
-            cmd = [sys.executable, "-m", "pagedllm.server.api_server", *self.argv, "--front-end-of", json.dumps(info)]
-            self.front_ends.append(subprocess.Popen(cmd))
         return engine
+
+    def _start_front_ends(self, core: EngineCoreProcess) -> None:
+        """Front ends 1..N-1; returns once each has its engine connection, so /health 200 means all serve."""
+        for index in range(1, self.api_server_count):
+            read_fd, write_fd = os.pipe()
+            info = {"index": index, "input": core.addresses.input, "outputs": list(core.addresses.outputs),
+                    "engine_pid": core.pid, "parent_pid": os.getpid(), "ready_fd": write_fd}
+            cmd = [sys.executable, "-m", "pagedllm.server.api_server", *self.argv, "--front-end-of", json.dumps(info)]
+            self.front_ends.append(subprocess.Popen(cmd, pass_fds=(write_fd,)))
+            os.close(write_fd)
+            with os.fdopen(read_fd, "rb") as ready:
+                if ready.read(1) != b"1":  # EOF: it exited before it was ready
+                    raise RuntimeError(f"API server {index} exited while starting; its error is in the log above")
 
     def sockets(self, host: str, port: int) -> list[socket.socket] | None:
         """With several front ends, this one's listening socket on the shared port; else None (uvicorn binds)."""
