@@ -77,6 +77,9 @@ def make_parser() -> argparse.ArgumentParser:
     srv.add_argument("--compare-offline", action="store_true",
                      help="with --launch: run the same load through LLM.generate after, and print the ratio")
     srv.add_argument("--api-key", default=None)
+    srv.add_argument("--logprobs", type=int, default=None,
+                     help="ask for logprobs; 0 makes a server without a tokenizer (--skip-tokenizer-init) stream "
+                          "every token, which TTFT and ITL need")
     _dataset_args(srv)
     _common_args(srv, plot=True)
     return parser
@@ -176,6 +179,8 @@ def _latency(ns: argparse.Namespace) -> dict:
 def print_serve_result(r: ServeResult, title: str) -> None:
     print(f"{'=' * 12} {title} {'=' * 12}")
     print(f"Successful requests:             {r.num_requests - r.num_failed} (failed {r.num_failed})")
+    if r.first_error:
+        print(f"First failure:                   {r.first_error}")
     print(f"Benchmark duration (s):          {r.duration_s:.2f}")
     print(f"Total input / output tokens:     {r.input_tokens} / {r.output_tokens}")
     print(f"Request throughput (req/s):      {r.request_throughput:.2f}")
@@ -201,7 +206,8 @@ def _serve(ns: argparse.Namespace) -> dict:
     def load(base: str) -> None:
         warm_up_server(base, requests, ns.api_key)
         for c in ns.concurrency:
-            r = asyncio.run(run_load(base, requests, c, api_key=ns.api_key, progress=not ns.no_progress))
+            r = asyncio.run(run_load(base, requests, c, api_key=ns.api_key, progress=not ns.no_progress,
+                                     logprobs=ns.logprobs))
             print_serve_result(r, f"serve, {c} concurrent clients")
             results.append(r)
 

@@ -49,6 +49,7 @@ class ServeResult:
     tpot_ms: dict[str, float]
     itl_ms: dict[str, float]
     e2e_ms: dict[str, float]
+    first_error: str | None = None
 
     @property
     def request_throughput(self) -> float:
@@ -69,4 +70,5 @@ def serve_result(timings: list[RequestTiming], duration_s: float) -> ServeResult
         num_requests=len(timings), num_failed=len(timings) - len(ok), duration_s=duration_s,
         input_tokens=sum(t.prompt_len for t in ok), output_tokens=sum(t.output_tokens for t in ok),
         ttft_ms=summarize(ttft), tpot_ms=summarize(tpot), itl_ms=summarize(itl),
-        e2e_ms=summarize([t.end - t.start for t in ok]))
+        e2e_ms=summarize([t.end - t.start for t in ok]),
+        first_error=next((t.error or "no tokens streamed" for t in timings if t not in ok), None))

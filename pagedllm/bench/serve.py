@@ -44,16 +44,16 @@ async def _one(client, url: str, body: dict, timing: RequestTiming) -> None:  # 
             if event.get("usage"):
                 timing.output_tokens = event["usage"]["completion_tokens"]
             choices = event.get("choices") or []
-            # A chunk with text is a token arrival; so is a running chunk without text (a server started
-            # with --skip-tokenizer-init streams token deltas whose text is empty).
-            if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
+            # A chunk with text is a token arrival; so is one with logprobs (a server started with
+            # --skip-tokenizer-init streams a token only with them: its text stays empty).
+            if choices and (choices[0].get("text") or choices[0].get("logprobs")):
                 timing.token_times.append(now)
                 chunks += 1
     timing.output_tokens = timing.output_tokens or chunks
 
 
 async def run_load(base_url: str, requests: list[BenchRequest], concurrency: int, model: str | None = None,
-                   api_key: str | None = None, progress: bool = True) -> ServeResult:
+                   api_key: str | None = None, progress: bool = True, logprobs: int | None = None) -> ServeResult:
     """Send every request, at most ``concurrency`` at once, each as soon as a slot frees; summarize."""
     import httpx
     from tqdm import tqdm
@@ -77,6 +77,8 @@ async def run_load(base_url: str, requests: list[BenchRequest], concurrency: int
                 body = {"model": model, "prompt": r.prompt_token_ids, "max_tokens": r.output_len,
                         "temperature": 0.0, "ignore_eos": True, "stream": True,
                         "stream_options": {"include_usage": True}}
+                if logprobs is not None:
+                    body["logprobs"] = logprobs
                 timing = RequestTiming(time.perf_counter(), len(r.prompt_token_ids))
                 timings.append(timing)
                 try:
