@@ -11,8 +11,9 @@ Each part runs in its own subprocess so memory is clean; each prints one JSON li
 report where the step time goes (scheduler, runner host work before the forward is queued, the rest of
 execute_model, which waits for the GPU, and the engine's output handling), for decode-only and mixed steps.
 
-A thin user of ``pagedllm.bench`` (dataset, roofline); ``--part serve`` runs the same mix256 load through
-``pagedllm serve`` (256 streaming clients) and offline in one call (``pagedllm bench serve --compare-offline``).
+A thin user of ``pagedllm.bench`` (dataset, roofline); ``--serve`` (or ``--part serve``) adds the same mix256
+load through ``pagedllm serve`` (256 streaming clients) against offline in one call (``pagedllm bench serve
+--compare-offline``).
 
 Usage (on a GPU box, from the repo root):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py [--config benchmarks/configs/llama-3-8b] [--skip-hf]
@@ -299,6 +300,27 @@ def part_fused(config: str) -> dict:
     return out
 
 
+def part_serve(config: str, enforce_eager: bool, num: int, out_len: int) -> dict:
+    """mix256 through `pagedllm serve` (num streaming clients) and offline, in one `pagedllm bench serve` call.
+
+    The server has no tokenizer (dummy weights), so clients ask for logprobs=0 to get every token streamed;
+    the offline run asks for them too, so the two compare like for like."""
+    import tempfile
+
+    server = ["--model", config, "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init",
+              "--max-model-len", "2048", "--max-num-seqs", "256", *(["--enforce-eager"] if enforce_eager else [])]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "pagedllm.cli", "bench", "serve", "--launch", "--server-args", " ".join(server),
+               "--dataset", "mix256", "--num-prompts", str(num), "--output-len", str(out_len), "--concurrency",
+               str(num), "--logprobs", "0", "--compare-offline", "--no-progress", "--json", out.name]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        result = json.loads(Path(out.name).read_text())
+    serve, offline = result["serve"][0], result["offline"]
+    return {"serve_out_tps": serve["output_throughput"], "offline_out_tps": offline["output_throughput"],
+            "ttft_p50_ms": serve["ttft_ms"]["p50"], "itl_p50_ms": serve["itl_ms"]["p50"],
+            "failed": serve["num_failed"]}
+
+
 # ---- orchestration -----------------------------------------------------------------
 def run_part(name: str, args: argparse.Namespace, enforce_eager: bool | None = None) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--config", str(args.config), "--num-requests",
@@ -388,6 +410,16 @@ def report(args: argparse.Namespace) -> None:
         step_lines += _steps_table("latency", lat["steps"])
     else:
         rows.append(("latency b=1", "ERROR", lat["error"][-300:].replace("\n", " "), "", ""))
+    if args.serve:
+        srv = run_part("serve", args)
+        if "error" not in srv:
+            rows.append((f"mix256 through serve ({args.num_requests} streaming clients)",
+                         f"{srv['serve_out_tps']:,.0f} out tok/s", f"TTFT p50 {srv['ttft_p50_ms']:.0f} ms, ITL p50 "
+                         f"{srv['itl_p50_ms']:.1f} ms, {srv['failed']} failed",
+                         f"offline same call {srv['offline_out_tps']:,.0f}",
+                         f"{100 * srv['serve_out_tps'] / srv['offline_out_tps']:.1f}% of offline"))
+        else:
+            rows.append(("mix256 through serve", "ERROR", srv["error"][-300:].replace("\n", " "), "", ""))
     if not args.skip_fused:
         step_lines += _fused_lines(run_part("fused", args), cfg["num_hidden_layers"])
     if not args.skip_hf:
@@ -412,7 +444,8 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "fused", "hf"])
+    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "fused", "hf", "serve"])
+    ap.add_argument("--serve", action="store_true", help="also mix256 through `pagedllm serve` vs offline")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-fused", action="store_true", help="skip the fused-kernel ablation")
@@ -429,7 +462,8 @@ def main() -> None:
     fn = {"roofline": part_roofline,
           "mix256": lambda: part_mix256(args.config, args.enforce_eager, args.num_requests, args.output_len),
           "latency": lambda: part_latency(args.config, args.enforce_eager), "fused": lambda: part_fused(args.config),
-          "hf": lambda: part_hf(args.config, args.num_requests, args.output_len)}
+          "hf": lambda: part_hf(args.config, args.num_requests, args.output_len),
+          "serve": lambda: part_serve(args.config, args.enforce_eager, args.num_requests, args.output_len)}
     print(json.dumps(fn[args.part]()))
 
 

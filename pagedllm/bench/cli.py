@@ -222,7 +222,7 @@ def _serve(ns: argparse.Namespace) -> dict:
     if ns.compare_offline:
         from pagedllm.bench.offline import throughput
 
-        offline = throughput(_make_llm(engine_args), requests, progress=not ns.no_progress)
+        offline = throughput(_make_llm(engine_args), requests, progress=not ns.no_progress, logprobs=ns.logprobs)
         out["offline"] = offline
         for c, r in zip(ns.concurrency, results):
             ratio = r.output_throughput / offline["output_throughput"]

@@ -9,11 +9,11 @@ from pagedllm.bench.datasets import BenchRequest
 from pagedllm.bench.metrics import summarize
 
 
-def _params(output_len: int) -> Any:
+def _params(output_len: int, logprobs: int | None = None) -> Any:
     from pagedllm.sampling_params import SamplingParams
 
     # Greedy and EOS ignored: every request produces exactly output_len tokens, run after run.
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, logprobs=logprobs)
 
 
 def warm_up(llm: Any, requests: list[BenchRequest]) -> None:
@@ -23,12 +23,16 @@ def warm_up(llm: Any, requests: list[BenchRequest]) -> None:
     llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
 
 
-def throughput(llm: Any, requests: list[BenchRequest], progress: bool = True) -> dict[str, float]:
-    """All requests through ``LLM.generate`` at once: request/s, output tok/s, total tok/s."""
+def throughput(llm: Any, requests: list[BenchRequest], progress: bool = True,
+               logprobs: int | None = None) -> dict[str, float]:
+    """All requests through ``LLM.generate`` at once: request/s, output tok/s, total tok/s.
+
+    ``logprobs``: ask for them as a serve run with ``--logprobs`` does, so that the two compare like for like.
+    """
     warm_up(llm, requests)
     t0 = time.perf_counter()
-    outs = llm.generate([r.prompt_token_ids for r in requests], [_params(r.output_len) for r in requests],
-                        use_tqdm=progress)
+    outs = llm.generate([r.prompt_token_ids for r in requests],
+                        [_params(r.output_len, logprobs) for r in requests], use_tqdm=progress)
     elapsed = time.perf_counter() - t0
     output_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
