@@ -122,6 +122,7 @@ class EngineCoreClient:
         self._stalled_for = 0.0
         self._heard = time.monotonic()
         self._closed = False
+        self._stopping = False
         self._wait_ready(ready_timeout)
         self._thread = threading.Thread(target=self._receive, name="pagedllm-core-client", daemon=True)
         self._thread.start()
@@ -140,9 +141,11 @@ class EngineCoreClient:
 
     # ---- the EngineLoop interface ------------------------------------------------
     def send(self, command: m.EngineCommand) -> None:
-        if isinstance(command, m.Shutdown) and self._process is None:
-            self._close()  # another front end owns the engine: only this connection ends
-            return
+        if isinstance(command, m.Shutdown):
+            if self._process is None:
+                self._close()  # another front end owns the engine: only this connection ends
+                return
+            self._stopping = True  # its exit is expected now: not reported as a death
         with self._lock:
             if self.dead is None:
                 self._commands.send_multipart([self._index, self._codec.encode_command(command)], copy=False)
@@ -201,6 +204,9 @@ class EngineCoreClient:
         if self._closed:
             return True
         if not self._engine_running():
+            if self._stopping:
+                self._declare_dead(EngineDeadError("the engine was shut down"), log=False)
+                return True
             code = self._process.exitcode if self._process else None
             self._declare_dead(EngineDeadError(f"the engine process exited (exit code {code})"))
             return True
@@ -210,9 +216,10 @@ class EngineCoreClient:
             return True
         return False
 
-    def _declare_dead(self, error: EngineDeadError) -> None:
+    def _declare_dead(self, error: EngineDeadError, log: bool = True) -> None:
         """Fail every request this front end has in flight; adds from now on are refused."""
-        logger.error("the engine is dead: %s", error)
+        if log:
+            logger.error("the engine is dead: %s", error)
         with self._lock:
             self.dead = error
             request_ids = self._codec.forget_all()
