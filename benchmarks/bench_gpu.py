@@ -11,6 +11,10 @@ Each part runs in its own subprocess so memory is clean; each prints one JSON li
 report where the step time goes (scheduler, runner host work before the forward is queued, the rest of
 execute_model, which waits for the GPU, and the engine's output handling), for decode-only and mixed steps.
 
+A thin user of ``pagedllm.bench`` (dataset, roofline); ``--serve`` (or ``--part serve``) adds the same mix256
+load through ``pagedllm serve`` (256 streaming clients) against offline in one call (``pagedllm bench serve
+--compare-offline``).
+
 Usage (on a GPU box, from the repo root):
     PYTHONPATH=. python3 benchmarks/bench_gpu.py [--config benchmarks/configs/llama-3-8b] [--skip-hf]
     PYTHONPATH=. python3 benchmarks/bench_gpu.py --part mix256 --enforce-eager   # one part, JSON out
@@ -21,72 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from pagedllm.bench.datasets import mix256_prompts
+from pagedllm.bench.roofline import bound_seconds, measure_device, model_costs
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "llama-3-8b"
 
 
-def mix256_prompts(vocab_size: int, num: int = 256, lo: int = 100, hi: int = 1024, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    lens = [rng.randint(lo, hi) for _ in range(num)]
-    return [[rng.randrange(vocab_size) for _ in range(n)] for n in lens]
-
-
-# ---- model arithmetic -------------------------------------------------------------
-def model_costs(cfg: dict) -> dict[str, float]:
-    h, L, V, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg.get("head_dim") or h // nh
-    per_layer = h * (nh * hd) + 2 * h * (nkv * hd) + (nh * hd) * h + 3 * h * inter
-    matmul_params = L * per_layer  # per token through the layers
-    lm_head = h * V
-    return {
-        # bf16 bytes read per decode step: every matrix once, lm_head included; the embedding is a lookup.
-        "weight_bytes": 2 * (matmul_params + lm_head),
-        "layer_flops_per_token": 2 * matmul_params,
-        "lm_head_flops": 2 * lm_head,
-        "kv_bytes_per_token": L * 2 * nkv * hd * 2,
-        "attn_flops_per_pair": L * 4 * nh * hd,  # QK^T and PV, per (query, key) pair
-    }
-
-
-def bound_seconds(prompt_lens: list[int], out_len: int, costs: dict, bw: float, rate: float) -> dict[str, float]:
-    """Prefill FLOPs over the matmul rate + each decode step's bytes over bandwidth (all requests at once)."""
-    prefill_flops = sum(costs["layer_flops_per_token"] * p + costs["attn_flops_per_pair"] * p * (p + 1) / 2
-                        + costs["lm_head_flops"] for p in prompt_lens)
-    prefill_s = prefill_flops / rate
-    decode_s, decode_compute_s = 0.0, 0.0
-    for j in range(1, out_len):  # the first token comes from the prefill
-        kv = sum(p + j for p in prompt_lens) * costs["kv_bytes_per_token"]
-        decode_s += (costs["weight_bytes"] + kv) / bw
-        decode_compute_s += len(prompt_lens) * (costs["layer_flops_per_token"] + costs["lm_head_flops"]) / rate
-    return {"prefill_s": prefill_s, "decode_s": decode_s, "bound_s": prefill_s + decode_s,
-            "decode_compute_s": decode_compute_s}
-
-
-# ---- parts (each in its own process) ------------------------------------------------
+# The dataset and the roofline arithmetic live in pagedllm.bench (shared with `pagedllm bench`).
 def part_roofline() -> dict:
-    import torch
-    import triton
-
-    n = 1 << 30  # 2 GiB of bf16 per buffer: far larger than L2
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median") / 1e3
-    bw = 2 * src.numel() * src.element_size() / t
-    src = dst = None
-    torch.cuda.empty_cache()
-    m = 8192
-    x = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    t = triton.testing.do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median") / 1e3
-    return {"copy_bw": bw, "bf16_rate": 2 * m ** 3 / t, "card": torch.cuda.get_device_name()}
+    return measure_device()
 
 
 def _llm(config: str, **kw):
@@ -346,6 +300,27 @@ def part_fused(config: str) -> dict:
     return out
 
 
+def part_serve(config: str, enforce_eager: bool, num: int, out_len: int) -> dict:
+    """mix256 through `pagedllm serve` (num streaming clients) and offline, in one `pagedllm bench serve` call.
+
+    The server has no tokenizer (dummy weights), so clients ask for logprobs=0 to get every token streamed;
+    the offline run asks for them too, so the two compare like for like."""
+    import tempfile
+
+    server = ["--model", config, "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init",
+              "--max-model-len", "2048", "--max-num-seqs", "256", *(["--enforce-eager"] if enforce_eager else [])]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "pagedllm.cli", "bench", "serve", "--launch", "--server-args", " ".join(server),
+               "--dataset", "mix256", "--num-prompts", str(num), "--output-len", str(out_len), "--concurrency",
+               str(num), "--logprobs", "0", "--compare-offline", "--no-progress", "--json", out.name]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        result = json.loads(Path(out.name).read_text())
+    serve, offline = result["serve"][0], result["offline"]
+    return {"serve_out_tps": serve["output_throughput"], "offline_out_tps": offline["output_throughput"],
+            "ttft_p50_ms": serve["ttft_ms"]["p50"], "itl_p50_ms": serve["itl_ms"]["p50"],
+            "failed": serve["num_failed"]}
+
+
 # ---- orchestration -----------------------------------------------------------------
 def run_part(name: str, args: argparse.Namespace, enforce_eager: bool | None = None) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--config", str(args.config), "--num-requests",
@@ -435,6 +410,16 @@ def report(args: argparse.Namespace) -> None:
         step_lines += _steps_table("latency", lat["steps"])
     else:
         rows.append(("latency b=1", "ERROR", lat["error"][-300:].replace("\n", " "), "", ""))
+    if args.serve:
+        srv = run_part("serve", args)
+        if "error" not in srv:
+            rows.append((f"mix256 through serve ({args.num_requests} streaming clients)",
+                         f"{srv['serve_out_tps']:,.0f} out tok/s", f"TTFT p50 {srv['ttft_p50_ms']:.0f} ms, ITL p50 "
+                         f"{srv['itl_p50_ms']:.1f} ms, {srv['failed']} failed",
+                         f"offline same call {srv['offline_out_tps']:,.0f}",
+                         f"{100 * srv['serve_out_tps'] / srv['offline_out_tps']:.1f}% of offline"))
+        else:
+            rows.append(("mix256 through serve", "ERROR", srv["error"][-300:].replace("\n", " "), "", ""))
     if not args.skip_fused:
         step_lines += _fused_lines(run_part("fused", args), cfg["num_hidden_layers"])
     if not args.skip_hf:
@@ -459,7 +444,8 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "fused", "hf"])
+    ap.add_argument("--part", default=None, choices=["roofline", "mix256", "latency", "fused", "hf", "serve"])
+    ap.add_argument("--serve", action="store_true", help="also mix256 through `pagedllm serve` vs offline")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-fused", action="store_true", help="skip the fused-kernel ablation")
@@ -476,7 +462,8 @@ def main() -> None:
     fn = {"roofline": part_roofline,
           "mix256": lambda: part_mix256(args.config, args.enforce_eager, args.num_requests, args.output_len),
           "latency": lambda: part_latency(args.config, args.enforce_eager), "fused": lambda: part_fused(args.config),
-          "hf": lambda: part_hf(args.config, args.num_requests, args.output_len)}
+          "hf": lambda: part_hf(args.config, args.num_requests, args.output_len),
+          "serve": lambda: part_serve(args.config, args.enforce_eager, args.num_requests, args.output_len)}
     print(json.dumps(fn[args.part]()))
 
 

@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --- bench (issue 10): `pagedllm bench throughput|latency|serve`, its own parser in pagedllm/bench ---
+    if argv and argv[0] == "bench":
+        from pagedllm.bench.cli import main as bench_main
+
+        bench_main(argv[1:])
+        return
+    # --- end bench ---
     if argv and argv[0] == "serve":
         from pagedllm.server.api_server import main as serve_main
 

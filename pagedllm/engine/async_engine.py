@@ -1,8 +1,12 @@
 """AsyncEngine: the asyncio front end of an ``LLMEngine``, used by the server.
 
-The engine itself runs in an ``EngineLoop`` (its own thread). The front end and
-the loop exchange only the plain messages of ``engine.messages``; the front end
-keeps every reply channel on its side, keyed by request id:
+The engine itself runs in an ``EngineLoop``: on a thread of this process
+(``AsyncEngine(engine)``, ``--engine-in-process``), or in the engine core process
+behind an ``EngineCoreClient`` (``AsyncEngine.from_engine_core``, what
+``pagedllm serve`` does), which offers the same ``send`` / ``dead`` /
+``stalled_for`` interface. The front end and the loop exchange only the plain
+messages of ``engine.messages``; the front end keeps every reply channel on its
+side, keyed by request id:
 
     event loop (server coroutines)                 engine loop ("pagedllm-engine")
     ------------------------------                 -------------------------------
@@ -60,6 +64,8 @@ from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.config import EngineArgs
+    from pagedllm.engine.core_client import EngineCoreProcess
+    from pagedllm.engine.core_proc import CoreAddresses
     from pagedllm.engine.llm_engine import LLMEngine
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "EngineOverloadedError", "EngineStepError",
@@ -74,6 +80,8 @@ class EngineDrainingError(EngineDeadError):
 
 # Called with each batch of records, on the thread that receives the engine's messages; must be quick.
 RecordListener = Callable[[list[RequestRecord]], None]
+# Builds the engine handle (an EngineLoop or an EngineCoreClient) around the front end's message callback.
+CoreFactory = Callable[[Callable[[EngineMessage], None]], Any]
 
 
 class EngineOverloadedError(RuntimeError):
@@ -132,7 +140,9 @@ class RequestStream:
 class AsyncEngine:
     """Runs an ``LLMEngine`` in an ``EngineLoop`` and streams its outputs to asyncio consumers."""
 
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None,
+                 core: CoreFactory | None = None) -> None:
+        """``engine`` gives the tokenizer and model config; it runs here unless ``core`` builds another handle."""
         self.engine = engine
         # Admission bound on requests added and not yet ended (queued or running); None: unbounded.
         self.max_waiting_requests = max_waiting_requests
@@ -147,13 +157,26 @@ class AsyncEngine:
         self._accepting = True  # False once draining for shutdown
         # One tokenizer thread: HF fast tokenizers are not safe to call from many threads at once.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedllm-tokenizer")
-        self._loop = EngineLoop(engine, self._on_message)
+        self._loop = core(self._on_message) if core is not None else EngineLoop(engine, self._on_message)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None) -> AsyncEngine:
+        """The engine in this process, on its own thread."""
         from pagedllm.engine.llm_engine import LLMEngine
 
         return cls(LLMEngine.from_engine_args(args), max_waiting_requests)
+
+    @classmethod
+    def from_engine_core(cls, args: EngineArgs, addresses: CoreAddresses, index: int, engine_pid: int,
+                         process: EngineCoreProcess | None = None,
+                         max_waiting_requests: int | None = None) -> AsyncEngine:
+        """Front end ``index`` of the engine core process at ``addresses``; with ``process``, it owns the engine."""
+        from pagedllm.engine.core_client import EngineCoreClient, FrontEndModel
+
+        def connect(emit: Callable[[EngineMessage], None]) -> EngineCoreClient:
+            return EngineCoreClient(addresses, index, emit, engine_pid, process)
+
+        return cls(FrontEndModel(args), max_waiting_requests, core=connect)  # type: ignore[arg-type]
 
     # ---- public API (event loop) ---------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,

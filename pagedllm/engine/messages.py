@@ -6,7 +6,8 @@
 Nothing here holds a future, a queue, an event loop or a callable: the front end
 keeps its reply channels (pending adds, per-request streams) on its own side,
 keyed by request id. So the engine loop can later move to its own process with
-these messages on the wire unchanged.
+these messages on the wire unchanged: ``engine/core_codec.py`` packs them with
+msgpack between the API server and the engine core process.
 """
 
 from __future__ import annotations
@@ -93,4 +94,16 @@ class StatsSnapshot:
     stats: Any  # the engine's EngineStats after the latest pass of its loop
 
 
-EngineMessage = AddResult | RequestOutputs | RequestsEnded | RequestRecords | StatsSnapshot
+@dataclass
+class EngineHeartbeat:
+    """The engine process is alive: sent to every front end twice a second (engine/core_proc.py).
+
+    ``stalled_for`` is ``EngineLoop.stalled_for()`` when it was sent; a front end
+    that hears nothing for a few seconds declares the engine dead.
+    """
+
+    stalled_for: float = 0.0
+    pid: int = 0
+
+
+EngineMessage = AddResult | RequestOutputs | RequestsEnded | RequestRecords | StatsSnapshot | EngineHeartbeat

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
-from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, health_problem
+from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, ServeProcesses, health_problem
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.openapi import install_openapi
 from pagedllm.server.protocol import (
@@ -362,6 +362,7 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-logprobs", type=_logprobs_bound, default=ServingLimits().max_logprobs,
                         help="largest logprobs / top_logprobs / prompt_logprobs a request may ask for (0-20)")
     # --- end tools and request fields ---
+    _add_process_args(parser)
     add_vllm_compat_args(parser)
     return parser
 
@@ -494,6 +495,26 @@ def _add_admission_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds until a request is aborted and answered 504; None: no deadline")
 
 
+# --- engine core process (issue 10) ---
+def _add_process_args(parser: argparse.ArgumentParser) -> None:
+    """Which processes serve: the engine in its own process (default) and how many HTTP front ends."""
+    group = parser.add_argument_group("processes")
+    group.add_argument("--api-server-count", type=_positive_int, default=1,
+                       help="HTTP front-end processes sharing the port, all talking to the one engine process")
+    group.add_argument("--engine-in-process", action="store_true",
+                       help="run the engine on a thread of the server process instead of its own (debugging)")
+    # Set by the first front end when it starts the others (--api-server-count); not for users.
+    group.add_argument("--front-end-of", default=None, help=argparse.SUPPRESS)
+
+
+def _serve_processes(argv: list[str], args: argparse.Namespace, engine_args: EngineArgs) -> ServeProcesses:
+    try:
+        return ServeProcesses(argv, engine_args, args.api_server_count, args.engine_in_process, args.front_end_of)
+    except ValueError as e:
+        raise SystemExit(f"pagedllm serve: error: {e}") from e
+# --- end engine core process ---
+
+
 def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise SystemExit("--request-timeout must be > 0")
@@ -530,13 +551,15 @@ def main(argv: list[str] | None = None) -> None:
         for note in check_vllm_compat_args(args):  # raises for a feature not built yet
             logger.info("%s", note)
         uvicorn_kwargs = uvicorn_options(args)
-        check_port_free(args.host, args.port)
+        if args.front_end_of is None:  # the first front end binds the port; the others share it
+            check_port_free(args.host, args.port)
         engine_args = EngineArgs.from_cli_args(args)
         engine_args.disable_log_requests = args.disable_log_requests
         engine_args.disable_log_stats = args.disable_log_stats
         limits = _limits_from_args(args)
         options = chat_options(args)
-        engine = AsyncEngine.from_engine_args(engine_args, args.max_waiting_requests)
+        processes = _serve_processes(argv, args, engine_args)
+        engine = processes.start_engine(args.max_waiting_requests)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - start-up errors become one line
         exit_on_error("pagedllm serve", e, debug)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
@@ -546,11 +569,11 @@ def main(argv: list[str] | None = None) -> None:
     scheme = "https" if args.ssl_certfile else "http"
     logger.info("serving %s on %s://%s:%d%s", name, scheme, args.host, args.port, args.root_path or "")
     config = uvicorn.Config(app, **uvicorn_kwargs)
-    server = PagedServer(config, engine, lifecycle)
+    server = PagedServer(config, engine, lifecycle, processes.front_ends)
     try:
-        server.run()
+        server.run(sockets=processes.sockets(args.host, args.port))
     finally:
-        engine.shutdown()
+        processes.shutdown(engine, lifecycle.shutdown_timeout + 5.0)
     if server.exit_code:
         sys.exit(server.exit_code)
 
