@@ -31,10 +31,12 @@ from pagedllm.engine import messages as m
 from pagedllm.engine.engine_loop import EngineDeadError, EngineStepError
 from pagedllm.engine.llm_engine import EngineStats
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 ADD, ABORT, SHUTDOWN, ADD_RESULT, OUTPUTS, ENDED, RECORDS, STATS, HEARTBEAT = range(9)
 _PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_BEAM_FIELDS = tuple(f.name for f in dataclasses.fields(BeamSearchParams))
+_SAMPLING, _BEAM = 0, 1  # which params an AddRequest carries
 _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats))
 _ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls for cls in (ValueError, TypeError, EngineDeadError, EngineStepError, RuntimeError)
@@ -88,18 +90,27 @@ def _logprobs_in(entries: list[dict[int, list] | None]) -> list[dict[int, Logpro
     return [None if e is None else {t: Logprob(*v) for t, v in e.items()} for e in entries]
 
 
-def _params_in(values: list[Any]) -> SamplingParams:
+def _params_in(wire: list[Any]) -> SamplingParams | BeamSearchParams:
     # No __init__ / __post_init__: the sender's object was already validated; rebuilt field by field.
+    kind, values = wire
+    if kind == _BEAM:
+        return BeamSearchParams(**dict(zip(_BEAM_FIELDS, values)))
     params = SamplingParams.__new__(SamplingParams)
     params.__dict__.update(zip(_PARAM_FIELDS, values))
     params.all_stop_token_ids = set(params.all_stop_token_ids)
+    if params.structured_outputs is not None:
+        params.structured_outputs = StructuredOutputsParams(**params.structured_outputs)
     return params
 
 
-def _params_out(params: SamplingParams) -> list[Any]:
-    values = [getattr(params, name) for name in _PARAM_FIELDS]
-    values[-1] = list(values[-1])  # all_stop_token_ids: a set
-    return values
+def _params_out(params: SamplingParams | BeamSearchParams) -> list[Any]:
+    if isinstance(params, BeamSearchParams):
+        return [_BEAM, [getattr(params, name) for name in _BEAM_FIELDS]]
+    values = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    values["all_stop_token_ids"] = list(values["all_stop_token_ids"])  # a set
+    if params.structured_outputs is not None:
+        values["structured_outputs"] = dataclasses.asdict(params.structured_outputs)
+    return [_SAMPLING, [values[name] for name in _PARAM_FIELDS]]
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from pagedllm.engine import messages as m
 from pagedllm.engine.core_codec import ClientDecoder, EngineEncoder
 from pagedllm.engine.engine_loop import EngineDeadError, EngineStepError
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from tests.engine.test_messages import MESSAGES
 
 
@@ -46,6 +46,19 @@ def test_sampling_params_arrive_whole_with_their_stop_id_set() -> None:
     copy = enc.decode_command(dec.encode_command(m.AddRequest("a", [5], params, 3, 1.5)))
     assert copy == m.AddRequest("a", [5], params, 3, 1.5)
     assert copy.params.all_stop_token_ids == {7, 2}
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "object"}), logit_bias={5: -2.0},
+                   allowed_token_ids=[3, 4, 5], bad_words=["no"], prompt_logprobs=1),
+    SamplingParams(structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+    BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=0.5),
+], ids=["constraints", "choice", "beam"])
+def test_constraints_and_beam_search_params_cross(params) -> None:
+    """Structured outputs, token constraints and beam search reach the engine process unchanged."""
+    enc, dec = EngineEncoder(), ClientDecoder()
+    copy = enc.decode_command(dec.encode_command(m.AddRequest("a", [5], params)))
+    assert type(copy.params) is type(params) and copy.params == params
 
 
 def _step(n: int, finished: bool = False, text: str | None = None) -> RequestOutput:
