@@ -52,6 +52,7 @@ def main() -> None:
             seconds, tokens = run(llm, prompts, params)
             assert tokens == args.num_requests * args.output_len, f"{name}: {tokens} tokens"
             results[name].append(tokens / seconds)
+            print(f"{name}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s", flush=True)
     best = {name: max(values) for name, values in results.items()}
     report = {"num_requests": args.num_requests, "output_len": args.output_len,
               "first_grammar_s (import + tokenizer info + compile + 4 steps)": round(first_grammar_s, 2),

