@@ -121,15 +121,18 @@ def test_default_model_greedy_identical_with_stop_strings() -> None:
     got = spec.generate(GROUNDED, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in base]
     assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
-    # A stop string a few tokens into each output falls inside accepted runs.
-    stops = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[o.outputs[0].text[6:12]])
-             for o in base]
-    want = plain.generate(GROUNDED, stops, use_tqdm=False)
-    have = spec.generate(GROUNDED, stops, use_tqdm=False)
-    for w, h in zip(want, have):
-        assert (h.outputs[0].text, h.outputs[0].token_ids, h.outputs[0].finish_reason) == (
-            w.outputs[0].text, w.outputs[0].token_ids, w.outputs[0].finish_reason)
-        assert h.outputs[0].finish_reason == "stop"
+    # A stop string a few tokens into each output falls inside accepted runs: the output must end at the
+    # token that completes it (the plain run's tokens up to there), with the text cut before it.
+    tok = spec.get_tokenizer()
+    stops = [o.outputs[0].text[6:12] for o in base]
+    have = spec.generate(GROUNDED, [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+                                    for stop in stops], use_tqdm=False)
+    for b, h, stop in zip(base, have, stops):
+        ids = h.outputs[0].token_ids
+        assert h.outputs[0].finish_reason == "stop" and h.outputs[0].stop_reason == stop
+        assert ids == b.outputs[0].token_ids[:len(ids)]
+        assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
+        assert h.outputs[0].text == b.outputs[0].text[:b.outputs[0].text.index(stop)]
     _assert_pool_empty(spec)
 
 
