@@ -7,6 +7,10 @@ serve / offline output tok/s. Ratios are measured within one call, so a busy mac
 absolute figures; run it on an idle machine for the record.
 
     PYTHONPATH=. python benchmarks/bench_serve.py                      # 64 clients, the default model (CPU)
+
+On a CPU shared with other jobs, set OMP_NUM_THREADS=1: two OpenMP threads per process on an oversubscribed
+2-core machine made an offline prefill step 11x slower (124.8 s against 10.9 s, 64 x 32 tokens, measured
+2026-12-04 at load average 12), which turns the serve / offline ratio into noise.
     PYTHONPATH=. python benchmarks/bench_serve.py --server-args "--model benchmarks/configs/llama-3-8b \\
         --load-format dummy --dtype bfloat16 --skip-tokenizer-init --max-model-len 2048" \\
         --dataset mix256 --num-prompts 256 --concurrency 256 --output-len 256 --logprobs 0   # the H200
