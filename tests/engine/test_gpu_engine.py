@@ -66,3 +66,48 @@ def test_forked_samples_and_beams_on_gpu(model_dir: str) -> None:
     params = BeamSearchParams(beam_width=4, max_tokens=10)
     assert llm.beam_search([prompt], params)[0].sequences[0].tokens == \
         eager.beam_search([prompt], params)[0].sequences[0].tokens
+
+
+def _repetitive_prompts(n: int) -> list[list[int]]:
+    """Prompts with a repeated span, so n-gram drafts exist and get accepted."""
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(n):
+        span = torch.randint(3, 256, (8,), generator=g).tolist()
+        out.append([1] + span * 3 + torch.randint(3, 256, (4,), generator=g).tolist())
+    return out
+
+
+def test_ngram_speculation_matches_plain_greedy_on_gpu(model_dir: str) -> None:
+    """Verification steps (multi-token decode queries in the Triton attention, eager) beside graphed decodes:
+    greedy tokens identical to the plain engine, drafts accepted, no block leaked."""
+    prompts = _repetitive_prompts(12) + _prompts(12)
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in _llm(model_dir).generate(prompts, params, use_tqdm=False)]
+    spec = _llm(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                               "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    assert got == plain
+    assert spec.engine.scheduler.spec_stats.num_accepted_tokens > 0
+    kv = spec.engine.scheduler.kv_cache_manager
+    assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
+
+
+def test_shutdown_frees_gpu_memory_for_a_second_engine(model_dir: str) -> None:
+    """`LLM.shutdown()` gives the weights and the profiled KV cache back: a second engine profiles the same
+    number of blocks (before, the first engine's cache was still held and the second found no room)."""
+    import gc
+
+    first = LLM(model_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+                gpu_memory_utilization=0.5)
+    blocks = first.engine.scheduler.kv_cache_manager.num_blocks
+    first.shutdown()
+    del first
+    gc.collect()
+    assert torch.cuda.memory_allocated() < 256 * 1024**2
+    with LLM(model_dir, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+             gpu_memory_utilization=0.5) as second:
+        assert second.engine.scheduler.kv_cache_manager.num_blocks >= 0.95 * blocks
+        out = second.generate([[1, 5, 9]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                              use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
