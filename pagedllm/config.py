@@ -47,7 +47,7 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = "auto"  # auto | cpu | cuda
     enforce_eager: bool = False
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu_sdpa | triton
 
 
 @dataclass
@@ -175,7 +175,7 @@ class EngineArgs:
         parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
         parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         parser.add_argument("--enforce-eager", action="store_true")
-        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+        parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu_sdpa", "triton"])
         parser.add_argument("--quantization", "-q", default=None, help="weight quantization method (default: none)")
         parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
