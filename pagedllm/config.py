@@ -7,8 +7,11 @@ the CLI flags); each component receives only its own config.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,8 +128,25 @@ class EngineArgs:
         return ModelConfig(
             model=self.model, load_format=self.load_format, dtype=self.dtype,
             max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
-            quantization=self.quantization,
+            quantization=self.resolved_quantization(),
         )
+
+    # --- CPU fast path (issue 17) -------------------------------------------
+    def resolved_quantization(self) -> str | None:
+        """``quantization``, or the CPU fast path's ``cpu_bf16`` when the model runs on a CPU with every
+        precision setting left at its default (``--dtype float32`` keeps exact fp32 weights)."""
+        if self.quantization is not None or self.dtype != "auto" or self.device == "cuda":
+            return self.quantization
+        import torch  # here, not at import: EngineArgs stays light for the CLI
+
+        if self.device == "auto" and torch.cuda.is_available():
+            return self.quantization
+        _logger.info("CPU fast path: bf16 weights with fp32 activations (quantization=cpu_bf16), attention "
+                     "backend %s, %d threads; --dtype float32 for exact fp32",
+                     "cpu_sdpa" if self.attention_backend == "auto" else self.attention_backend,
+                     torch.get_num_threads())
+        return "cpu_bf16"
+    # --- end CPU fast path ----------------------------------------------------
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
