@@ -11,7 +11,7 @@ than fp32; there the weight is widened to float32 for the one matmul instead,
 which costs one pass over the weight, small next to a large GEMM.
 
     rows of x <= gemv_rows   y = linear(x.bf16, W_bf16).float()    (decode)
-    otherwise                y = linear(x, W_bf16.float())         (prefill; or bf16 GEMM with AMX)
+    otherwise                y = linear(x.bf16.float(), W_bf16.float()).bf16.float()   (prefill)
 
 Memory: half the weights of float32, the embedding / LM head matrix included
 (``get_embedding_method``). Accuracy: bf16 keeps
@@ -71,7 +71,10 @@ class CpuBf16LinearMethod(QuantizationMethod):
         if x.numel() // x.shape[-1] <= self.gemv_rows:
             y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
             return y if bias is None else y + bias
-        return F.linear(x, weight.to(x.dtype), bias)
+        # Input and output rounded to bf16 as the GEMV path rounds them, so a row's result does not depend
+        # on how many rows share its batch (a request recomputed in a prefill sees what its decode saw).
+        y = F.linear(x.to(weight.dtype).to(x.dtype), weight.to(x.dtype)).to(weight.dtype).to(x.dtype)
+        return y if bias is None else y + bias
 
 
 class CpuBf16Config(QuantizationConfig):
