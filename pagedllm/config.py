@@ -7,11 +7,14 @@ the CLI flags); each component receives only its own config.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # --- speculative decoding ---
     from pagedllm.spec_decode.config import SpeculativeConfig
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,7 +64,7 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = "auto"  # auto | cpu | cuda
     enforce_eager: bool = False
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu_sdpa | triton
 
 
 @dataclass
@@ -161,9 +164,26 @@ class EngineArgs:
         return ModelConfig(
             model=self.model, load_format=self.load_format, dtype=self.dtype,
             max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
-            quantization=self.quantization, revision=self.revision, download_dir=self.download_dir,
+            quantization=self.resolved_quantization(), revision=self.revision, download_dir=self.download_dir,
             chat_template=_read_chat_template(self.chat_template),
         )
+
+    # --- CPU fast path (issue 17) -------------------------------------------
+    def resolved_quantization(self) -> str | None:
+        """``quantization``, or the CPU fast path's ``cpu_bf16`` when the model runs on a CPU with every
+        precision setting left at its default (``--dtype float32`` keeps exact fp32 weights)."""
+        if self.quantization is not None or self.dtype != "auto" or self.device == "cuda":
+            return self.quantization
+        import torch  # here, not at import: EngineArgs stays light for the CLI
+
+        if self.device == "auto" and torch.cuda.is_available():
+            return self.quantization
+        _logger.info("CPU fast path: bf16 weights with fp32 activations (quantization=cpu_bf16), attention "
+                     "backend %s, %d threads; --dtype float32 for exact fp32",
+                     "cpu_sdpa" if self.attention_backend == "auto" else self.attention_backend,
+                     torch.get_num_threads())
+        return "cpu_bf16"
+    # --- end CPU fast path ----------------------------------------------------
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -202,8 +222,8 @@ class EngineArgs:
         add("--download-dir", default=None, help="Hub cache directory; None: huggingface_hub's default")
         add("--load-format", default="auto", choices=["auto", "hf", "safetensors", "gguf", "dummy"],
             help="weight format; auto: from the path (safetensors is an alias of hf)")
-        add("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: the checkpoint's; "
-                                            "float32 on the CPU)")
+        add("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: the checkpoint's; on the "
+                                            "CPU the fast path: bf16 weights, fp32 activations)")
         add("--max-model-len", type=int, default=None, help="context length; None: the model's own")
         add("--seed", type=int, default=0, help="seed of the engine's random state")
         add("--block-size", type=int, default=16, help="tokens per KV cache block (a power of two)")
@@ -222,8 +242,8 @@ class EngineArgs:
             help="what happens to a preempted request's KV cache")
         add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
         add("--enforce-eager", action="store_true", help="no CUDA graphs")
-        add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-            help="auto: Triton on CUDA, torch on the CPU")
+        add("--attention-backend", default="auto", choices=["auto", "torch", "cpu_sdpa", "triton"],
+            help="auto: Triton on CUDA, cpu_sdpa on the CPU (torch: the slow reference)")
         add("--quantization", "-q", default=None, help="weight quantization method; None: dense weights")
         add("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs for tensor parallelism")
         add("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")

@@ -75,6 +75,7 @@ class AttentionBackend(ABC):
 BackendFactory = Callable[[], AttentionBackend]
 _BACKENDS: dict[str, str | BackendFactory] = {
     "torch": "pagedllm.attention.torch_ref:TorchAttentionBackend",
+    "cpu_sdpa": "pagedllm.attention.cpu_sdpa:CpuSdpaAttentionBackend",
     "triton": "pagedllm.attention.triton_backend:TritonAttentionBackend",
 }
 
@@ -89,9 +90,9 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """Instantiate a registered backend; 'auto' picks triton on CUDA, torch otherwise."""
+    """Instantiate a registered backend; 'auto' picks triton on CUDA, cpu_sdpa otherwise."""
     if name == "auto":
-        name = "triton" if torch.cuda.is_available() else "torch"
+        name = "triton" if torch.cuda.is_available() else "cpu_sdpa"
     factory = _BACKENDS.get(name)
     if factory is None:
         raise ValueError(f"attention_backend: unknown backend {name!r}; choose from {available_backends()}")

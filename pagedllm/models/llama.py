@@ -144,7 +144,8 @@ class LlamaModel(nn.Module):
         theta, scaling = rope_parameters(config)
         # One cos/sin table shared by every layer.
         rotary_emb = RotaryEmbedding(get_head_dim(config), config.max_position_embeddings, theta, scaling)
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        embed_method = quant_config.get_embedding_method() if quant_config is not None else None
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_method=embed_method)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config, rotary_emb, attn_backend, quant_config)
              for _ in range(config.num_hidden_layers)]
@@ -186,7 +187,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(hf_config, attn_backend, quant_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to)
+        head_method = quant_config.get_embedding_method() if quant_config is not None and tied_to is None else None
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to, quant_method=head_method)
 
     def forward(
         self,

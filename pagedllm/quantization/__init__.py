@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pagedllm.quantization.base import QuantizationConfig
 
-# Method name -> "module:QuantizationConfig subclass". Empty until the first quantized
-# format lands; dense weights (quantization=None) need no entry.
-QUANTIZATION_METHODS: dict[str, str] = {}
+# Method name -> "module:QuantizationConfig subclass"; dense weights (quantization=None) need no entry.
+QUANTIZATION_METHODS: dict[str, str] = {
+    "cpu_bf16": "pagedllm.quantization.cpu_bf16:CpuBf16Config",  # bf16 weights, fp32 activations (CPU default)
+}
 
 
 def check_quantization(name: str | None) -> None:

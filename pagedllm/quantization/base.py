@@ -69,6 +69,10 @@ class QuantizationConfig(ABC):
     def get_linear_method(self, layer: nn.Module) -> QuantizationMethod:
         """The method for ``layer``; ``UnquantizedLinearMethod()`` for layers kept dense."""
 
+    def get_embedding_method(self) -> QuantizationMethod | None:
+        """The method for the token embedding / LM head matrix; None keeps it dense in the model dtype."""
+        return None
+
 
 class UnquantizedLinearMethod(QuantizationMethod):
     """Dense weights stored as HF stores them, ``(output_size, input_size)``, in the model dtype."""

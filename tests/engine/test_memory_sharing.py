@@ -16,7 +16,7 @@ PROMPTS = ["The best way to learn a language is", "def fibonacci(n):", "Once upo
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(device="cpu", max_model_len=512, block_size=16, enable_prefix_caching=False)
+    return LLM(device="cpu", dtype="float32", max_model_len=512, block_size=16, enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,10 @@ def test_beam_search_shares_blocks(llm: LLM) -> None:
 def test_swap_preemption_gives_identical_outputs() -> None:
     prompts = [f"Item {i}: the history of " + "very " * (i % 7) + "old maps" for i in range(12)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    ref_llm = LLM(device="cpu", max_model_len=256, block_size=16)
+    ref_llm = LLM(device="cpu", dtype="float32", max_model_len=256, block_size=16)
     ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, params, use_tqdm=False)]
     del ref_llm
-    llm = LLM(device="cpu", max_model_len=256, block_size=16, num_gpu_blocks_override=14,
+    llm = LLM(device="cpu", dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=14,
               preemption_mode="swap", swap_space=0.05, enable_prefix_caching=False)
     sched = llm.engine.scheduler
     swapped_out = []
@@ -163,7 +163,8 @@ def test_swap_preemption_gives_identical_outputs() -> None:
 
 
 def test_priority_scheduling_runs_urgent_requests_first() -> None:
-    llm = LLM(device="cpu", max_model_len=256, block_size=16, max_num_seqs=1, scheduling_policy="priority")
+    llm = LLM(device="cpu", dtype="float32", max_model_len=256, block_size=16, max_num_seqs=1,
+              scheduling_policy="priority")
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     for rid, prio in [("low1", 5), ("low2", 5), ("urgent", 0), ("mid", 2)]:
@@ -179,7 +180,7 @@ def test_beam_search_under_cache_pressure_completes_and_matches(llm: LLM) -> Non
     prompts = ["The history of the old lighthouse on the northern coast of the island is " * 2,
                "def quicksort(arr):", "My favourite recipe for a quick dinner is"]
     params = BeamSearchParams(beam_width=4, max_tokens=16)
-    small = LLM(device="cpu", max_model_len=256, block_size=16, num_gpu_blocks_override=14,
+    small = LLM(device="cpu", dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=14,
                 enable_prefix_caching=False)
     eng = small.engine
     for i, p in enumerate(prompts):

@@ -1,0 +1,70 @@
+"""The CPU SDPA backend against dense attention and the torch reference, on the reference tests' batches."""
+
+import pytest
+import torch
+
+from pagedllm.attention.backend import get_backend
+from pagedllm.attention.cpu_sdpa import CpuSdpaAttentionBackend
+from pagedllm.attention.torch_ref import TorchAttentionBackend
+from tests.attention.test_torch_ref import HEAD_DIM, MIXED, build_batch, dense_reference
+
+SCALE = HEAD_DIM**-0.5
+
+
+def _check_against_dense(out, md, full, atol):
+    for s, (q, k, v) in enumerate(full):
+        lo, hi = md.query_start_loc_cpu[s], md.query_start_loc_cpu[s + 1]
+        torch.testing.assert_close(out[lo:hi].double(), dense_reference(q, k, v, SCALE), atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_mixed_batch_matches_dense_and_writes_the_same_cache(block_size):
+    """Fresh prefills, chunks after context, decodes of different lengths and 3 padding tokens in one step."""
+    query, key, value, cache, md, full = build_batch(MIXED, block_size, num_blocks=64, num_padding=3)
+    ref_cache = cache.clone()
+    out = CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE)
+    ref = TorchAttentionBackend().forward(query, key, value, ref_cache, md, SCALE)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.shape == query.shape
+    _check_against_dense(out, md, full, atol=1e-5)
+    assert torch.equal(cache, ref_cache)  # same slots written, padding (slot -1) skipped
+    assert torch.equal(out[md.num_actual_tokens:], torch.zeros_like(out[md.num_actual_tokens:]))
+
+
+def test_decodes_of_equal_length_need_no_mask():
+    query, key, value, cache, md, full = build_batch([(9, 1), (9, 1), (9, 1)], 4, num_blocks=32)
+    out = CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE)
+    _check_against_dense(out, md, full, atol=1e-5)
+
+
+def test_bfloat16_close_to_dense():
+    query, key, value, cache, md, full = build_batch(MIXED, 16, num_blocks=64, dtype=torch.bfloat16)
+    out = CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE)
+    assert out.dtype == torch.bfloat16
+    _check_against_dense(out, md, full, atol=2e-2)
+
+
+def test_empty_cache_runs_fresh_prefills_and_rejects_context():
+    query, key, value, _, md, full = build_batch([(0, 5), (0, 9)], 4, num_blocks=16)
+    out = CpuSdpaAttentionBackend().forward(query, key, value, torch.empty(0), md, SCALE)
+    _check_against_dense(out, md, full, atol=1e-5)
+    query, key, value, _, md, _ = build_batch([(3, 2)], 4, num_blocks=16)
+    with pytest.raises(RuntimeError, match="fresh prefills"):
+        CpuSdpaAttentionBackend().forward(query, key, value, torch.empty(0), md, SCALE)
+
+
+def test_host_lists_optional_and_empty_rows_are_zero():
+    query, key, value, cache, md, _ = build_batch([(3, 2), (6, 1)], 8, num_blocks=16)
+    ref = CpuSdpaAttentionBackend().forward(query, key, value, cache.clone(), md, SCALE)
+    md.seq_lens = torch.cat([md.seq_lens, torch.zeros(1, dtype=torch.int32)])
+    md.query_start_loc = torch.cat([md.query_start_loc, md.query_start_loc[-1:]])
+    md.block_tables = torch.cat([md.block_tables, torch.zeros_like(md.block_tables[:1])])
+    md.seq_lens_cpu = md.query_start_loc_cpu = None
+    torch.testing.assert_close(CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE), ref)
+
+
+def test_auto_picks_it_on_cpu_and_torch_stays_selectable():
+    if not torch.cuda.is_available():
+        assert isinstance(get_backend("auto"), CpuSdpaAttentionBackend)
+    assert isinstance(get_backend("cpu_sdpa"), CpuSdpaAttentionBackend)
+    assert isinstance(get_backend("torch"), TorchAttentionBackend)
