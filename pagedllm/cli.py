@@ -72,7 +72,7 @@ def _chat(ns: argparse.Namespace) -> None:
     print("pagedllm chat — Ctrl-C stops a reply; Ctrl-D, Ctrl-C or an empty line quits", file=sys.stderr)
     for turn in itertools.count():
         try:
-            line = input("> ")
+            line = _read_line("> ")
         except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
             print()
             break
@@ -81,6 +81,24 @@ def _chat(ns: argparse.Namespace) -> None:
         history.append({"role": "user", "content": line})
         engine.add_request(f"chat-{turn}", apply_chat_template(engine.tokenizer, history), params)
         history.append({"role": "assistant", "content": _stream_reply(engine, f"chat-{turn}")})
+
+
+def _read_line(prompt: str) -> str:
+    """``input(prompt)`` that Ctrl-C always interrupts.
+
+    A SIGINT may be delivered to any thread that does not block it (torch's pool, helpers); one that
+    lands elsewhere never wakes a main thread blocked in ``input()``, and Ctrl-C at the prompt would
+    hang. Waiting with a timeout lets the main thread run the handler (KeyboardInterrupt) within 0.1 s.
+    """
+    import select
+
+    print(prompt, end="", flush=True)
+    while not select.select([sys.stdin], [], [], 0.1)[0]:
+        pass
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def _stream_reply(engine, request_id: str) -> str:  # noqa: ANN001 - an LLMEngine

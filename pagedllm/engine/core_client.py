@@ -66,7 +66,8 @@ class EngineCoreProcess:
     def __init__(self, args: EngineArgs, num_clients: int = 1) -> None:
         self._dir = tempfile.mkdtemp(prefix="pagedllm-")
         self.addresses = CoreAddresses(f"ipc://{self._dir}/in",
-                                       tuple(f"ipc://{self._dir}/out{i}" for i in range(num_clients)))
+                                       tuple(f"ipc://{self._dir}/out{i}" for i in range(num_clients)),
+                                       os.path.join(self._dir, "startup_error"))
         # A fresh interpreter, not fork (a forked copy of a process with torch threads or a CUDA context
         # can hang) and not multiprocessing's spawn (it re-runs the caller's __main__, which a script
         # without a __main__ guard turns into a second server). Its settings come on stdin, once.
@@ -75,6 +76,17 @@ class EngineCoreProcess:
         with self.process.stdin as stdin:
             pickle.dump((args, self.addresses, os.getpid()), stdin)
         self.pid: int = self.process.pid
+
+    def startup_error(self) -> Exception | None:
+        """Why the engine could not start, as it reported it (an input error stays a ValueError)."""
+        try:
+            with open(self.addresses.startup_error_path, encoding="utf-8") as f:
+                name, _, message = f.read().partition("\n")
+        except OSError:
+            return None
+        if name in ("ValueError", "FileNotFoundError", "OSError", "NotImplementedError"):
+            return ValueError(message)
+        return RuntimeError(f"{name}: {message}")
 
     @property
     def exitcode(self) -> int | None:
@@ -132,6 +144,9 @@ class EngineCoreClient:
         deadline = time.monotonic() + timeout
         while not self._outputs.poll(int(_POLL_S * 1000)):
             if not self._engine_running():
+                error = self._process.startup_error() if self._process else None
+                if error is not None:
+                    raise error
                 code = self._process.exitcode if self._process else None
                 raise RuntimeError(f"the engine process exited while starting (exit code {code}); "
                                    "its error is in the log above")

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgpack
 
+from pagedllm.core.outputs import SpecDecodingStats
 from pagedllm.engine import messages as m
 from pagedllm.engine.engine_loop import EngineDeadError, EngineStepError
 from pagedllm.engine.llm_engine import EngineStats
@@ -113,6 +114,20 @@ def _params_out(params: SamplingParams | BeamSearchParams) -> list[Any]:
     return [_SAMPLING, [values[name] for name in _PARAM_FIELDS]]
 
 
+def _stats_out(stats: EngineStats) -> list[Any]:
+    values = {name: getattr(stats, name) for name in _STATS_FIELDS}
+    if stats.spec_decoding is not None:  # a dataclass of counters: sent as a dict
+        values["spec_decoding"] = dataclasses.asdict(stats.spec_decoding)
+    return [values[name] for name in _STATS_FIELDS]
+
+
+def _stats_in(values: list[Any]) -> EngineStats:
+    stats = EngineStats(*values)
+    if stats.spec_decoding is not None:
+        stats.spec_decoding = SpecDecodingStats(**stats.spec_decoding)
+    return stats
+
+
 @dataclasses.dataclass
 class _SentSequence:
     """What the engine side already sent of one sequence (engine side of the delta)."""
@@ -158,7 +173,7 @@ class EngineEncoder:
                     self._sent.pop(rid, None)
                 return _pack([ENDED, message.request_ids, _error_out(message.error)])
             case m.StatsSnapshot():
-                return _pack([STATS, [getattr(message.stats, name) for name in _STATS_FIELDS]])
+                return _pack([STATS, _stats_out(message.stats)])
             case m.EngineHeartbeat():
                 return _pack([HEARTBEAT, message.stalled_for, message.pid])
         raise TypeError(f"cannot send a {type(message).__name__} from the engine")
@@ -246,7 +261,7 @@ class ClientDecoder:
                 self._requests.pop(rid, None)
             return m.RequestsEnded(wire[1], _error_in(wire[2]))
         if kind == STATS:
-            return m.StatsSnapshot(EngineStats(*wire[1]))
+            return m.StatsSnapshot(_stats_in(wire[1]))
         if kind == HEARTBEAT:
             return m.EngineHeartbeat(wire[1], wire[2])
         raise ValueError(f"unknown engine message kind {kind!r}")

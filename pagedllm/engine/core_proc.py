@@ -48,6 +48,7 @@ class CoreAddresses:
 
     input: str  # the engine binds it; every front end connects
     outputs: tuple[str, ...]  # front end i binds outputs[i]; the engine connects
+    startup_error_path: str = ""  # where the engine writes why it could not start (type, then message)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -144,7 +145,11 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
         outputs.append(sock)
     from pagedllm.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine.from_engine_args(args)
+    try:
+        engine = LLMEngine.from_engine_args(args)
+    except Exception as e:  # noqa: BLE001 - a start-up failure goes to the parent, which reports it as one line
+        _report_startup_failure(addresses, e)
+        sys.exit(1)
     router = _Router(outputs)
     loop = EngineLoop(engine, router.emit)
     code = _serve(loop, commands, router)
@@ -153,6 +158,16 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
         sock.close()
     ctx.term()
     sys.exit(code)
+
+
+def _report_startup_failure(addresses: CoreAddresses, error: Exception) -> None:
+    """Write the error for the parent (``EngineCoreProcess.startup_error``); the traceback only with --debug."""
+    from pagedllm.logging_utils import wants_traceback
+
+    if wants_traceback():
+        logger.exception("the engine failed to start")
+    with open(addresses.startup_error_path, "w", encoding="utf-8") as f:
+        f.write(f"{type(error).__name__}\n{error}")
 
 
 def _serve(loop: EngineLoop, commands, router: _Router) -> int:  # noqa: ANN001 - a zmq socket

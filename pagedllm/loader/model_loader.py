@@ -67,6 +67,10 @@ def _progress(weights: Iterator[tuple[str, torch.Tensor]], total: int) -> Iterat
     """``weights`` with a tqdm bar on stderr (tqdm leaves it out when stderr is not a terminal)."""
     from tqdm import tqdm
 
+    # No monitor thread: a process-directed SIGINT may land on any thread that does not block it, and one
+    # landing on an idle helper thread never wakes a main thread blocked in input() (pagedllm chat's Ctrl-C).
+    tqdm.monitor_interval = 0
+
     with tqdm(weights, total=total, desc="Loading weights", unit="tensor", disable=None, leave=False) as bar:
         yield from bar
 

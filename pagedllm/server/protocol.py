@@ -184,13 +184,9 @@ class _SamplingFields(RequestModel):
         if self.stream:
             raise ValueError("use_beam_search does not stream; send stream false")
         for name in ("stop", "stop_token_ids", "prompt_logprobs", "seed", "top_p", "top_k", "min_p",
-                     "presence_penalty", "frequency_penalty", "repetition_penalty", "best_of", "logprobs",
-                     "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "logit_bias", "allowed_token_ids", "bad_words"):
+                     "presence_penalty", "frequency_penalty", "repetition_penalty", "best_of", "logprobs"):
             if getattr(self, name, None) not in (None, False, [], "", 1.0):
                 raise ValueError(f"{name} cannot be combined with use_beam_search")
-        if (getattr(self, "response_format", None) or {}).get("type", "text") != "text":
-            raise ValueError("response_format cannot be combined with use_beam_search")
         if self.min_tokens or self.include_stop_str_in_output:
             raise ValueError("min_tokens and include_stop_str_in_output cannot be combined with use_beam_search")
 

@@ -99,7 +99,7 @@ class OpenAIServingChat(OpenAIServing):
         prompt_ids = self.truncate_prompt(await self._render(request), request.truncate_prompt_tokens)
         max_tokens = self.resolve_max_tokens(len(prompt_ids), request.requested_max_tokens)
         if request.use_beam_search:
-            params: Any = request.to_beam_search_params(max_tokens)
+            params: Any = with_constraints(request, request.to_beam_search_params(max_tokens))  # 400 if any
         else:
             params = with_constraints(request, request.to_sampling_params(max_tokens))  # structured outputs
             structured = tool_choice_params(request.tool_dicts, request.tool_choice_dict,

@@ -53,8 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = await self._tokenize(request)
         build = request.to_beam_search_params if request.use_beam_search else request.to_sampling_params
         params = [build(self.resolve_max_tokens(len(p.token_ids), request.max_tokens)) for p in prompts]
-        if not request.use_beam_search:  # structured outputs and token constraints
-            params = [with_constraints(request, p) for p in params]  # one object per request: the engine fills it
+        params = [with_constraints(request, p) for p in params]  # constraints (a 400 with beam search)
         request_id = f"cmpl-{request.request_id}" if request.request_id else random_id("cmpl")
         streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)
         header = dict(id=request_id, created=int(time.time()), model=model_name)

@@ -438,8 +438,6 @@ def constraint_fields(request: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     spec = _structured_outputs_spec(request)
     if spec is not None:
-        if getattr(request, "use_beam_search", False):  # beams are scored without a grammar: refuse, not ignore
-            raise bad_request("use_beam_search cannot be combined with structured outputs", "use_beam_search")
         fields["structured_outputs"] = spec
     if request.logit_bias:
         bias = {}
@@ -452,6 +450,9 @@ def constraint_fields(request: Any) -> dict[str, Any]:
         fields["allowed_token_ids"] = request.allowed_token_ids
     if request.bad_words:
         fields["bad_words"] = request.bad_words
+    if fields and getattr(request, "use_beam_search", False):  # beams are scored unconstrained: refuse, not ignore
+        names = ", ".join("structured outputs" if f == "structured_outputs" else f for f in fields)
+        raise bad_request(f"use_beam_search cannot be combined with {names}", "use_beam_search")
     return fields
 
 

@@ -127,3 +127,13 @@ def test_malformed_or_pickled_bytes_are_refused(data: bytes) -> None:
 def test_heartbeat_and_stats_cross() -> None:
     enc, dec = EngineEncoder(), ClientDecoder()
     assert dec.decode(enc.encode(m.EngineHeartbeat(1.5, 42))) == m.EngineHeartbeat(1.5, 42)
+
+
+def test_stats_with_speculative_decoding_counters_cross() -> None:
+    from pagedllm.core.outputs import SpecDecodingStats
+    from pagedllm.engine.llm_engine import EngineStats
+
+    spec = SpecDecodingStats(3, 12, 7, [3, 2, 2, 0])
+    stats = dataclasses.replace(next(x for x in MESSAGES if isinstance(x, m.StatsSnapshot)).stats, spec_decoding=spec)
+    copy = ClientDecoder().decode(EngineEncoder().encode(m.StatsSnapshot(stats)))
+    assert isinstance(copy.stats, EngineStats) and copy.stats == stats

@@ -18,8 +18,9 @@ def _prompt(rng: random.Random, n_words: int) -> str:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    # Small cache and budget: 48 requests cannot all fit, long prompts are chunked.
-    return LLM(device="cpu", max_model_len=1024, num_gpu_blocks_override=48, block_size=16,
+    # Small cache and budget: 48 requests cannot all fit, long prompts are chunked. fp32: the exact checks
+    # below hold in fp32 only; the CPU fast path (bf16 weights) is not bitwise batch-invariant (docs/CPU.md).
+    return LLM(device="cpu", dtype="float32", max_model_len=1024, num_gpu_blocks_override=48, block_size=16,
                max_num_seqs=48, max_num_batched_tokens=96)
 
 

@@ -27,7 +27,8 @@ MESSAGES = [{"role": "user", "content": "Name one color."}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(log, "--api-key", KEY, "--max-model-len", "512") as base:
+    # fp32: concurrent and sequential greedy outputs are compared token for token (docs/CPU.md).
+    with running_server(log, "--api-key", KEY, "--max-model-len", "512", "--dtype", "float32") as base:
         yield base
 
 
