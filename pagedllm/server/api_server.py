@@ -243,14 +243,7 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
     tokenization = OpenAIServingTokenization(engine, names, limits)
     metrics = ServerMetrics(engine, names[0])
 
-    app = FastAPI(title="pagedllm", version=pagedllm_version())
-    app.state.engine, app.state.metrics = engine, metrics
-    _add_error_handlers(app)
-    install_openapi(app)
-    if max_request_body_bytes is not None:  # added before the key check, so it runs after it
-        app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes)
-    if api_key:
-        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    app = _new_app(engine, metrics, api_key, max_request_body_bytes)
 
     @app.get("/health")
     async def health() -> Response:
@@ -288,6 +281,20 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         return await _respond(raw, bool(request.stream), lambda: chat.create_chat_completion(request),
                               limits.request_timeout)
 
+    return app
+
+
+def _new_app(engine: AsyncEngine, metrics: ServerMetrics, api_key: str | None,
+             max_request_body_bytes: int | None) -> FastAPI:
+    """The app with its state, error handlers, OpenAPI document and middleware, before any route."""
+    app = FastAPI(title="pagedllm", version=pagedllm_version())
+    app.state.engine, app.state.metrics = engine, metrics
+    _add_error_handlers(app)
+    install_openapi(app)
+    if max_request_body_bytes is not None:  # added before the key check, so it runs after it
+        app.add_middleware(_BodyLimitMiddleware, max_bytes=max_request_body_bytes)
+    if api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     return app
 
 
