@@ -19,7 +19,7 @@ from pagedllm.logging_utils import configure_logging
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
-PromptType = str | list[int]
+PromptType = str | list[int] | dict  # dict: vLLM's TextPrompt {"prompt"} or TokensPrompt {"prompt_token_ids"}
 
 
 class LLM:
@@ -170,13 +170,24 @@ def _malloc_trim() -> None:
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
-    if isinstance(prompts, str):
-        return [prompts]
+    if isinstance(prompts, (str, dict)):
+        return [_from_prompt_dict(prompts)]
     if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]  # one prompt given as token ids
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a string, a list of strings, or token-id lists")
-    return [list(p) if not isinstance(p, str) else p for p in prompts]
+    return [_from_prompt_dict(p) if isinstance(p, (str, dict)) else list(p) for p in prompts]
+
+
+def _from_prompt_dict(prompt: str | dict) -> str | list[int]:
+    """vLLM's ``TextPrompt`` / ``TokensPrompt`` dicts: ``{"prompt": str}`` or ``{"prompt_token_ids": [int]}``."""
+    if isinstance(prompt, str):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise ValueError("a prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (a list of ints)")
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

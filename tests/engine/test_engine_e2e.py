@@ -143,6 +143,14 @@ def test_min_tokens_max_tokens_and_token_prompts(llm: LLM) -> None:
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=7, min_tokens=7), use_tqdm=False)[0]
     assert out.prompt_token_ids == ids and len(out.outputs[0].token_ids) == 7
     assert tok.eos_token_id not in out.outputs[0].token_ids
+    # vLLM's TokensPrompt / TextPrompt dicts give the same tokens as the plain forms.
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    as_dicts = llm.generate([{"prompt_token_ids": ids}, {"prompt": "Hi"}], greedy, use_tqdm=False)
+    plain = llm.generate([ids, "Hi"], greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in as_dicts] == [o.outputs[0].token_ids for o in plain]
+    assert as_dicts[0].prompt_token_ids == ids
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate({"text": "Hi"}, greedy, use_tqdm=False)
 
 
 def test_eos_stops_generation(llm: LLM) -> None:
