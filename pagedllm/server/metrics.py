@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -110,6 +111,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.registry.register(_EngineStatsCollector(engine, model_name))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_start_time_seconds, ...
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:

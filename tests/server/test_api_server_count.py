@@ -95,13 +95,16 @@ def test_two_front_ends_share_the_engine_fail_fast_on_its_death_and_die_with_the
                                                                 "max_tokens": 3, "temperature": 0})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
         # Each front end has its own metrics registry: two non-zero totals show that both served (a total
-        # may still miss the last request: its metrics are recorded as its response goes out).
-        counts = set()
+        # may still miss the last request: its metrics are recorded as its response goes out). A front end
+        # is told apart by its process start time (its ProcessCollector), not by its count: both may be 8.
+        counts: dict[str, float] = {}
         for _ in range(20):
             text = _fresh_get(f"{base}/metrics").text
-            counts.add(sum(float(v) for v in re.findall(r'^pagedllm:request_success_total\{[^}]*\} (\S+)', text,
-                                                         re.M)))
-        assert len(counts) == 2 and min(counts) > 0 and sum(counts) <= 16, counts
+            started = re.search(r'^process_start_time_seconds (\S+)', text, re.M)
+            assert started, text[:2000]
+            counts[started.group(1)] = sum(
+                float(v) for v in re.findall(r'^pagedllm:request_success_total\{[^}]*\} (\S+)', text, re.M))
+        assert len(counts) == 2 and min(counts.values()) > 0 and sum(counts.values()) <= 16, counts
 
         result: dict = {}
         reader = threading.Thread(target=_stream, args=(base, result))
