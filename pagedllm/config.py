@@ -50,6 +50,8 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str = "recompute"  # recompute | swap
+    # Schedule step N+1 while step N runs (its sampled tokens stay on the device); see core/scheduler.py.
+    async_scheduling: bool = False
     # --- speculative decoding ---
     speculative_config: SpeculativeConfig | None = None  # None: speculation off
 
@@ -99,6 +101,8 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     device: str = "auto"
     enforce_eager: bool = False
+    # None (auto): on with CUDA, off on the CPU (where nothing runs while the host schedules).
+    async_scheduling: bool | None = None
     attention_backend: str = "auto"
     quantization: str | None = None
     tensor_parallel_size: int = 1
@@ -197,8 +201,22 @@ class EngineArgs:
         return SchedulerConfig(
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
             policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
+            async_scheduling=self.resolved_async_scheduling(),
             speculative_config=self.speculative_config,  # --- speculative decoding ---
         )
+
+    def resolved_async_scheduling(self) -> bool:
+        """``async_scheduling``, or auto: on where a GPU runs the steps and speculation is off."""
+        if self.async_scheduling is not None:
+            if self.async_scheduling and self.speculative_config is not None:
+                raise ValueError("async_scheduling does not combine with speculative_config yet: "
+                                 "drafts are proposed from the host's tokens (use --no-async-scheduling)")
+            return self.async_scheduling
+        if self.speculative_config is not None or self.device == "cpu":
+            return False
+        import torch  # here, not at import: EngineArgs stays light for the CLI
+
+        return torch.cuda.is_available()
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
@@ -242,6 +260,8 @@ class EngineArgs:
             help="what happens to a preempted request's KV cache")
         add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
         add("--enforce-eager", action="store_true", help="no CUDA graphs")
+        add("--async-scheduling", dest="async_scheduling", action=argparse.BooleanOptionalAction, default=None,
+            help="schedule the next step while the GPU runs this one; None: on with CUDA, off on the CPU")
         add("--attention-backend", default="auto", choices=["auto", "torch", "cpu_sdpa", "triton"],
             help="auto: Triton on CUDA, cpu_sdpa on the CPU (torch: the slow reference)")
         add("--quantization", "-q", default=None, help="weight quantization method; None: dense weights")

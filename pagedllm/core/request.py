@@ -66,6 +66,9 @@ class Request:
         self.pause_after_sample = False
         # Speculative decoding: the proposer's drafts for the next step (never part of all_token_ids).
         self.spec_token_ids: list[int] = []
+        # Async scheduling: tokens that steps in flight will sample for this request, which
+        # the host does not know yet (positions are scheduled as if they were; see the scheduler).
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:

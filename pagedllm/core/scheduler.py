@@ -60,6 +60,7 @@ from pagedllm.core.outputs import (
 )
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.request_queue import RequestQueue, make_request_queue
+from pagedllm.sampling_params import SamplingParams
 
 # Waiting requests whose computed KV already exists (GPU blocks, or CPU blocks to swap in).
 _RESUMES_FROM_KV = (RequestStatus.FORKED, RequestStatus.SWAPPED)
@@ -103,6 +104,10 @@ class Scheduler:
         self.spec_stats = SpecDecodingStats() if config.num_speculative_tokens else None
         # Requests whose lookahead blocks were given back: req_id -> blocks kept, for the runner's table.
         self._kept_blocks: dict[str, int] = {}
+        # Async scheduling (see ``schedule``): the requests whose sampling reads their previous
+        # tokens on the host (penalties, min_tokens, bad words, grammars) need synchronous steps.
+        self.async_scheduling = config.async_scheduling
+        self._needs_host_tokens: set[str] = set()
 
     # ---- admission ---------------------------------------------------------
     def add_request(self, request: Request, fork_from: str | None = None) -> None:
@@ -113,6 +118,8 @@ class Scheduler:
         samples of one prompt are computed once)."""
         self._check_admissible(request)
         self.requests[request.request_id] = request
+        if _reads_host_tokens(request.sampling_params):
+            self._needs_host_tokens.add(request.request_id)
         source = self.requests.get(fork_from) if fork_from is not None else None
         if source is not None and not source.is_finished() and source.prompt_token_ids == request.prompt_token_ids:
             self.fork_waiters.setdefault(source.request_id, []).append(request)
@@ -201,8 +208,18 @@ class Scheduler:
         child.status = RequestStatus.FORKED if num_shared > 0 else RequestStatus.WAITING
 
     # ---- one step ----------------------------------------------------------
+    @property
+    def needs_sync_step(self) -> bool:
+        """Some request's sampling needs its previous tokens on the host: no step may run ahead."""
+        return bool(self._needs_host_tokens) or bool(self.paused)
+
     def schedule(self) -> SchedulerOutput:
-        """Spend one step's token budget: running requests first, then waiting ones; the diff for the runner."""
+        """Spend one step's token budget: running requests first, then waiting ones; the diff for the runner.
+
+        Async scheduling: this runs while the previous step is still on the GPU. Scheduled tokens
+        count as computed at once, and a step that reaches a request's last position adds an
+        output placeholder: the next step computes that position with the token the GPU feeds
+        it, and ``update_from_output`` swaps the placeholder for the token when it arrives."""
         plan = _StepPlan(self.config.max_num_batched_tokens)
         self._schedule_running(plan)
         if not plan.preempted:  # a step that had to preempt admits nothing new
@@ -223,7 +240,24 @@ class Scheduler:
         self._blocks_to_copy = []
         self._blocks_to_swap_out = []
         self._blocks_to_swap_in = []
+        if self.async_scheduling:
+            self._advance_scheduled(plan.num_scheduled)
         return out
+
+    def _advance_scheduled(self, num_scheduled: dict[str, int]) -> None:
+        """Async scheduling: count the step's tokens as computed now, and a placeholder for each
+        request whose step samples (its chunk reaches its last position)."""
+        for req_id, n in num_scheduled.items():
+            req = self.requests[req_id]
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens + req.num_output_placeholders:
+                req.num_output_placeholders += 1
+            self._release_fork_waiters(req)
+
+    def _final_length(self, req: Request) -> int:
+        """The token count at which ``req`` ends by length."""
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.config.max_model_len
+        return min(self.config.max_model_len, req.num_prompt_tokens + max_tokens)
 
     def _schedule_running(self, plan: _StepPlan) -> None:
         """Decodes and unfinished chunked prefills, in admission order, preempting as blocks run out."""
@@ -236,7 +270,10 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            placeholders = req.num_output_placeholders
+            if placeholders and req.num_tokens + placeholders >= self._final_length(req):
+                continue  # async: the token in flight ends it by length; nothing more to compute
+            num_new = min(req.num_tokens + placeholders - req.num_computed_tokens, budget)
             drafts, new_blocks = self._allocate_lookahead(req, num_new, budget)
             if new_blocks is None:
                 num_preempted = len(preempted)
@@ -382,6 +419,7 @@ class Scheduler:
         else:
             req.num_computed_tokens = 0
             req.status = RequestStatus.PREEMPTED
+        req.num_output_placeholders = 0  # async: its token in flight is appended when it arrives
         self.kv_cache_manager.free(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -405,14 +443,23 @@ class Scheduler:
         spec = sched_out.scheduled_spec_decode_tokens
         for req_id, n in sched_out.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if req is None or req.is_finished():
+                continue  # aborted or stopped while the step ran
             new_ids = sampled.get(req_id, [])
+            if req.status != RequestStatus.RUNNING:
+                if self.async_scheduling and new_ids:  # preempted by a schedule() that ran beside this step
+                    updates.append(self._late_tokens(req, new_ids, runner_out.logprobs.get(req_id)))
+                continue
+            if self.async_scheduling:  # tokens counted at schedule(); the placeholder becomes the token
+                if new_ids:
+                    req.num_output_placeholders -= 1
+            else:
+                drafts = spec.get(req_id)
+                if drafts:  # the rejected drafts' positions were computed for nothing: roll back
+                    n -= self._num_rejected(drafts, new_ids)
+                req.num_computed_tokens += n
+                self._release_fork_waiters(req)
             drafts = spec.get(req_id)
-            if drafts:  # the rejected drafts' positions were computed for nothing: roll back
-                n -= self._num_rejected(drafts, new_ids)
-            req.num_computed_tokens += n
-            self._release_fork_waiters(req)
             logprobs = runner_out.logprobs.get(req_id)
             if new_ids:
                 new_ids = self._append_checking_stops(req, new_ids)
@@ -436,6 +483,15 @@ class Scheduler:
                     finish_reason=req.get_finished_reason(), stop_reason=req.stop_reason,
                     num_cached_tokens=max(req.num_cached_tokens, 0)))
         return updates
+
+    def _late_tokens(self, req: Request, new_ids: list[int], logprobs: LogprobsLists | None) -> RequestUpdate:
+        """Async scheduling: the token of a request preempted while its step ran. It still counts
+        (it was sampled from the right context): the request recomputes or swaps in with it."""
+        new_ids = self._append_checking_stops(req, new_ids)
+        if req.is_finished() and req in self.waiting:
+            self.waiting.remove(req)
+        return RequestUpdate(req.request_id, new_ids, logprobs, None, finish_reason=req.get_finished_reason(),
+                             stop_reason=req.stop_reason, num_cached_tokens=max(req.num_cached_tokens, 0))
 
     def _num_rejected(self, drafts: list[int], new_ids: list[int]) -> int:
         """Drafts verified this step that were not accepted; counts the draft in the spec stats."""
@@ -504,6 +560,7 @@ class Scheduler:
         self.kv_cache_manager.forget(req)
         self.cpu_block_pool.free(req.request_id)
         self._sent_to_runner.discard(req.request_id)
+        self._needs_host_tokens.discard(req.request_id)
         self._finished_since_last_step.add(req.request_id)
         self._release_fork_waiters(req)
 
@@ -527,3 +584,11 @@ class Scheduler:
     def get_num_unfinished_requests(self) -> int:
         return (len(self.waiting) + len(self.running) + len(self.paused)
                 + sum(map(len, self.fork_waiters.values())))
+
+
+def _reads_host_tokens(params: SamplingParams) -> bool:
+    """Sampling that reads the request's previous tokens from the host's lists: penalties,
+    min_tokens (the output count), bad words (the last tokens) and grammars. Async scheduling
+    runs steps for such requests synchronously."""
+    return (params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+            or params.min_tokens > 0 or bool(params.bad_words) or params.structured_outputs is not None)

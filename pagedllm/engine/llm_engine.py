@@ -5,6 +5,10 @@
                 ─► OutputProcessor.process (detokenize, stop strings) ─► RequestOutput (cumulative)
                 ─► Scheduler.finish_requests / free_finished for what the processor ended
 
+Async scheduling (on by default with CUDA): each step schedules and launches step N+1
+(``execute_model_async``) before it finishes step N (its tokens, detokenization, stops), so
+the GPU runs N+1 while the host works on N. A request that ends at N wastes N+1's slot.
+
 Text lives here (tokenizer, OutputProcessor); the scheduler below sees only token
 ids. The engine talks to the scheduler only through its public methods, and
 beam search talks to the scheduler through the narrow ``BeamScheduler`` seam.
@@ -18,9 +22,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagedllm.config import EngineArgs, ModelConfig
-from pagedllm.core.outputs import RequestUpdate, SpecDecodingStats
+from pagedllm.core.outputs import ModelRunnerOutput, RequestUpdate, SchedulerOutput, SpecDecodingStats
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.beam_search import BeamSearchManager
@@ -30,6 +35,9 @@ from pagedllm.logging_utils import log_phase
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.structured_output import StructuredOutputManager
+
+if TYPE_CHECKING:
+    from pagedllm.worker.async_output import StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +96,11 @@ class LLMEngine:
         # Request lines and periodic stats (engine/stat_logger.py); `pagedllm serve` turns them on.
         self.stat_logger = None if args.disable_log_stats else StatLogger()
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
+        self.async_scheduling = self.scheduler_config.async_scheduling
+        # Async scheduling: the launched step whose output the next step() finishes.
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        if self.async_scheduling:
+            logger.info("async scheduling: on (the next step is scheduled while the GPU runs this one)")
         config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
         self.eos_token_id = self.tokenizer.eos_token_id if self.tokenizer else min(config_eos, default=None)
         self.extra_eos_ids = (config_eos | _generation_config_eos_ids(self.model_config.model)) - {self.eos_token_id}
@@ -207,7 +220,7 @@ class LLMEngine:
                 self.scheduler.free_finished(sid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self.beam_search.has_unfinished_groups()
+        return bool(self.requests) or self.beam_search.has_unfinished_groups() or self._in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -215,14 +228,40 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         failed = self._release_grammar_requests()  # --- structured outputs
+        if not self.async_scheduling:
+            return self._step_sync(failed)
+        if self.scheduler.needs_sync_step or self.beam_search.groups:
+            # Sampling that reads the host's tokens: finish the step in flight, then go step by step.
+            return self._finish_in_flight(failed) if self._in_flight is not None else self._step_sync(failed)
+        sched_out = self.scheduler.schedule()
+        launched = None if sched_out.is_empty else (sched_out, self.executor.execute_model_async(sched_out))
+        outputs = self._finish_in_flight(failed)
+        self._in_flight = launched
+        if launched is None and not outputs and not failed:
+            self.structured_output.wait(_GRAMMAR_WAIT_S)  # --- structured outputs: no busy spin while compiling
+        return outputs
+
+    def _finish_in_flight(self, failed: list[RequestUpdate]) -> list[RequestOutput]:
+        """Async scheduling: read the launched step's tokens and process them (and ``failed``)."""
+        if self._in_flight is None:
+            return self._finish_step(None, None, failed) if failed else []
+        sched_out, handle = self._in_flight
+        self._in_flight = None
+        return self._finish_step(sched_out, handle.get(), failed)
+
+    def _step_sync(self, failed: list[RequestUpdate]) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         if sched_out.is_empty and not failed:
             self.structured_output.wait(_GRAMMAR_WAIT_S)  # --- structured outputs: no busy spin while compiling
             return []
         sched_out.grammar_bitmask = self.structured_output.grammar_bitmask(  # --- structured outputs
             sched_out.num_scheduled_tokens, self.scheduler.requests)
-        runner_out = self.executor.execute_model(sched_out)
-        updates = self.scheduler.update_from_output(sched_out, runner_out)
+        return self._finish_step(sched_out, self.executor.execute_model(sched_out), failed)
+
+    def _finish_step(self, sched_out: SchedulerOutput | None, runner_out: ModelRunnerOutput | None,
+                     failed: list[RequestUpdate]) -> list[RequestOutput]:
+        """A step's tokens into the scheduler, then outputs: detokenize, stop strings, beams, stats."""
+        updates = self.scheduler.update_from_output(sched_out, runner_out) if sched_out is not None else []
         self.structured_output.accept(updates)  # --- structured outputs
         updates += failed
         if self.beam_search.groups:  # beams' updates go to the beam search, the rest to the user

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    from pagedllm.worker.async_output import StepHandle
 
 
 class Executor(ABC):
@@ -21,6 +25,13 @@ class Executor(ABC):
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launch a step; its output comes from the handle's ``get()`` (async scheduling).
+        An executor that cannot run ahead executes it here."""
+        from pagedllm.worker.async_output import DoneStep
+
+        return DoneStep(self.execute_model(scheduler_output))
 
 
 class UniProcExecutor(Executor):
@@ -48,3 +59,6 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.worker.execute_model_async(scheduler_output)

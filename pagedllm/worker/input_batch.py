@@ -69,6 +69,9 @@ class FlatBatch:
     # Speculative decoding: per sampled position (logits_indices order), the draft it verifies,
     # -1 on each request's last position (its bonus token); None when no request has drafts.
     draft_ids: np.ndarray | None = None
+    # Async scheduling: (flat token indices, input ids on the device) that replace input_ids there,
+    # the tokens the previous step sampled and the host has not read yet (worker/async_output.py).
+    input_id_patch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

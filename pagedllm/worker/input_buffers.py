@@ -125,6 +125,9 @@ class InputBuffers:
             last_i64 = ("logits_indices", num_logits) if num_logits else ("slot_mapping", n_pad_tok)
             self.staging.copy_to_device(last_i64, ("block_tables", rows * width))
             self._copied.record()
+        if batch.input_id_patch is not None:  # async scheduling: the previous step's tokens, from the device
+            dst, values = batch.input_id_patch
+            self.staging.device("input_ids").index_copy_(0, dst, values)
         logits_indices = self.staging.device("logits_indices")[:num_logits]
         if pad_to:
             return None, None, None, logits_indices

@@ -10,6 +10,10 @@
         ─► sampled ids appended to the rows ─► ModelRunnerOutput
            (python lists: the only host sync is reading sampled ids)
         ─► speculative decoding: the Proposer drafts each request's next tokens
+
+``execute_model_async`` (async scheduling) runs the same step but leaves the sampled ids on the
+device: the next step's inputs take them from there, and the host reads them later through the
+returned handle (worker/async_output.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOut
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
 from pagedllm.spec_decode import NgramProposer, Proposer
 from pagedllm.spec_decode.rejection_sampler import RejectionSampler
+from pagedllm.worker.async_output import DeferredStep, DoneStep, PendingTokens, StepHandle, reserve_slots
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
 from pagedllm.worker.input_batch import FlatBatch, InputBatch, flat_logits_indices
 from pagedllm.worker.input_buffers import InputBuffers
@@ -66,6 +71,8 @@ class ModelRunner:
             spec.check_implemented()
             self.proposer = NgramProposer(spec)
             self.rejection_sampler = RejectionSampler()
+        # Async scheduling: the tokens the step in flight samples, fed to the next step on the device.
+        self._pending: PendingTokens | None = None
 
     # ---- KV cache ----------------------------------------------------------
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, tuple[int, ...]]:
@@ -91,15 +98,8 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.input_batch.update_states(sched)
-        # Order matters. Copies first: a copy's source may be freed this step and reused as a
-        # swap-in target, and a forked request swapped out this step must take its copied block.
-        if sched.blocks_to_copy:
-            self._copy_blocks(sched.blocks_to_copy)
-        if sched.blocks_to_swap_out:
-            self.swap_space.swap_out(sched.blocks_to_swap_out)
-        if sched.blocks_to_swap_in:
-            self.swap_space.swap_in(sched.blocks_to_swap_in)
+        self._pending = None  # a synchronous step: the rows hold every token
+        self._apply_diff(sched)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size,
@@ -114,12 +114,58 @@ class ModelRunner:
                 self._verify(batch, md, hidden[logits_indices], out)
             else:
                 self._sample(batch, md, hidden[logits_indices], out)
-        sampling = self.input_batch.sampling
-        if sampling.num_on["num_prompt_logprobs"] and (sampling.num_prompt_logprobs[batch.rows] >= 0).any():
-            self._prompt_logprobs(batch, hidden, out)
+        self._maybe_prompt_logprobs(batch, hidden, out)
         if self.proposer is not None:
             self._propose(batch, out)
         return out
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> StepHandle:
+        """Launch one step and return without waiting for its sampled ids (async scheduling).
+
+        The caller schedules and launches the next step before it calls ``get()`` on this one.
+        Requests here never need their previous tokens on the host (the scheduler runs those
+        steps synchronously), and no step carries drafts or a grammar bitmask."""
+        self._apply_diff(sched)
+        if sched.total_num_scheduled_tokens == 0:
+            return DoneStep(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+        batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size)
+        if self._pending is not None:
+            batch.input_id_patch = self._pending.feed(batch, self.device)
+        hidden, logits_indices = self._forward(batch)
+        out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
+        self._pending = None
+        self._maybe_prompt_logprobs(batch, hidden, out)
+        if not len(batch.logits_indices):
+            return DoneStep(out)
+        md = self.input_batch.sampling_metadata(batch)
+        result = self.sampler(self.model.compute_logits(hidden[logits_indices]), md)
+        self._pending, sampling_reqs = reserve_slots(self.input_batch, batch, result.sampled_token_ids)
+        finish_logprobs = None
+        if result.logprob_token_ids is not None:  # read after the sync; the rows may have moved by then
+            num_logprobs = self.input_batch.sampling.num_logprobs[batch.rows].copy()
+            counts = [1] * len(sampling_reqs)
+
+            def finish_logprobs(out: ModelRunnerOutput) -> None:
+                self._logprobs(batch, result, sampling_reqs, counts, out, num_logprobs)
+        return DeferredStep(self.input_batch, out, self._pending, sampling_reqs, finish_logprobs)
+
+    def _apply_diff(self, sched: SchedulerOutput) -> None:
+        """The scheduler's diff into the rows, then the step's block copies and swaps."""
+        self.input_batch.update_states(sched)
+        # Order matters. Copies first: a copy's source may be freed this step and reused as a
+        # swap-in target, and a forked request swapped out this step must take its copied block.
+        if sched.blocks_to_copy:
+            self._copy_blocks(sched.blocks_to_copy)
+        if sched.blocks_to_swap_out:
+            self.swap_space.swap_out(sched.blocks_to_swap_out)
+        if sched.blocks_to_swap_in:
+            self.swap_space.swap_in(sched.blocks_to_swap_in)
+
+    def _maybe_prompt_logprobs(self, batch: FlatBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        sampling = self.input_batch.sampling
+        if sampling.num_on["num_prompt_logprobs"] and (sampling.num_prompt_logprobs[batch.rows] >= 0).any():
+            self._prompt_logprobs(batch, hidden, out)
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate KV blocks (src -> dst) in every layer."""
@@ -181,13 +227,15 @@ class ModelRunner:
         out.spec_token_ids = {batch.req_ids[i]: d for i, d in zip(reqs, drafts) if d}
 
     def _logprobs(self, batch: FlatBatch, result: SamplerOutput, sampling_reqs: list[int], counts: list[int],
-                  out: ModelRunnerOutput) -> None:
+                  out: ModelRunnerOutput, num_logprobs: np.ndarray | None = None) -> None:
+        """``num_logprobs``: per request of ``batch``, as asked (default: read from the rows now)."""
         ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
                            result.sampled_ranks.tolist())
-        num_logprobs = self.input_batch.sampling.num_logprobs
+        if num_logprobs is None:
+            num_logprobs = self.input_batch.sampling.num_logprobs[batch.rows]
         k = 0
         for i, count in zip(sampling_reqs, counts):
-            n = int(num_logprobs[batch.rows[i]])
+            n = int(num_logprobs[i])
             if n >= 0:
                 rows = range(k, k + count)
                 out.logprobs[batch.req_ids[i]] = LogprobsLists(
