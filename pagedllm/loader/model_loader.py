@@ -24,7 +24,7 @@ from pagedllm.config import ModelConfig
 from pagedllm.loader.resolve import resolve_dtype, resolve_model
 from pagedllm.models.layers.kernels import select_kernels
 from pagedllm.models.registry import get_model_class
-from pagedllm.quantization import get_quantization_config
+from pagedllm.quantization import checkpoint_quantization, get_quantization_config
 
 # Dummy weights: small enough that activations stay tame in fp16 through many layers.
 _DUMMY_RANGE = 0.02
@@ -39,8 +39,11 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     # "auto" depends on the device (float32 on CPU), which resolve_model may not have known.
     model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, device)
     model_cls = get_model_class(hf_config)
+    hf_quant_config = getattr(hf_config, "quantization_config", None)
+    if hf_quant_config is not None and not isinstance(hf_quant_config, dict):
+        hf_quant_config = hf_quant_config.to_dict()
     quant_config = get_quantization_config(
-        model_config.quantization, getattr(hf_config, "quantization_config", None)
+        checkpoint_quantization(model_config.quantization, hf_quant_config), hf_quant_config
     )
     with _default_dtype(model_config.torch_dtype), device:
         model = model_cls(hf_config, attn_backend, quant_config=quant_config)
@@ -90,7 +93,17 @@ def hf_weight_names(model: nn.Module) -> list[str]:
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights for benchmarks: uniform in +-0.02, norm scales 1, drawn on the parameter's device."""
     generator = None
+    quantized = set()
+    for module in model.modules():  # quantized layers draw float weights and quantize them
+        init_dummy = getattr(getattr(module, "quant_method", None), "init_dummy", None)
+        if init_dummy is not None:
+            if generator is None:
+                generator = torch.Generator(device=module.weight.device).manual_seed(seed)
+            init_dummy(module, generator, _DUMMY_RANGE)
+            quantized.update(id(p) for p in module.parameters(recurse=False))
     for name, param in model.named_parameters():
+        if id(param) in quantized:
+            continue
         if generator is None:  # one stream, on the model's device: no host round trip
             generator = torch.Generator(device=param.device).manual_seed(seed)
         if "norm" in name:

@@ -33,7 +33,8 @@ from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.quantization.base import QuantizationConfig, copy_weight
 
 # Checkpoint tensors that are derived state, not weights.
-_IGNORED_WEIGHTS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# input_scale: an FP8 checkpoint's static activation scale; activations are quantized per token here.
+_IGNORED_WEIGHTS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", ".input_scale")
 
 
 def get_head_dim(hf_config: Any) -> int:
@@ -236,6 +237,8 @@ def _expected(params: dict[str, nn.Parameter], model: LlamaForCausalLM) -> set[t
     """Every (parameter, shard id) pair a complete checkpoint fills."""
     expected: set[tuple[str, object]] = set()
     for name in params:
+        if getattr(params[name], "derived_from_weight", False):  # e.g. a scale computed when its weight loads
+            continue
         shards = [sid for fused, sid in model.packed_modules_mapping.values() if f".{fused}." in name]
         expected.update((name, sid) for sid in shards or [None])
     return expected

@@ -21,7 +21,27 @@ if TYPE_CHECKING:
 # Method name -> "module:QuantizationConfig subclass"; dense weights (quantization=None) need no entry.
 QUANTIZATION_METHODS: dict[str, str] = {
     "cpu_bf16": "pagedllm.quantization.cpu_bf16:CpuBf16Config",  # bf16 weights, fp32 activations (CPU default)
+    "fp8": "pagedllm.quantization.w8a8:Fp8Config",  # W8A8 fp8 e4m3, per-channel weights, per-token activations
+    "int8": "pagedllm.quantization.w8a8:Int8Config",  # W8A8 int8 on CUDA, int8 weight-only on the CPU
+    "compressed-tensors": "pagedllm.quantization.w8a8:W8A8Config",  # 8-bit float/int checkpoints of llm-compressor
 }
+
+# A checkpoint's quantization_config["quant_method"] -> the method that loads it.
+CHECKPOINT_METHODS: dict[str, str] = {"fp8": "fp8", "compressed-tensors": "compressed-tensors"}
+
+
+def checkpoint_quantization(requested: str | None, hf_quant_config: dict[str, Any] | None) -> str | None:
+    """The method for a model: the checkpoint's own format when it has one (a quantized checkpoint
+    loads only with its method; the CPU's default ``cpu_bf16`` gives way to it), else ``requested``."""
+    if not hf_quant_config:
+        return requested
+    method = hf_quant_config.get("quant_method")
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization_config: quant_method {method!r} is not supported; "
+                         f"supported: {', '.join(sorted(CHECKPOINT_METHODS))}")
+    if requested in (None, "cpu_bf16"):
+        return CHECKPOINT_METHODS[method]
+    return requested
 
 
 def check_quantization(name: str | None) -> None:
