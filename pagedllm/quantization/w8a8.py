@@ -48,7 +48,17 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def _quantize_tokens(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (row) dynamic quantization of activations: (q, scale (rows, 1) float32)."""
+    """Per-token (row) dynamic quantization of activations: (q, scale (rows, 1) float32).
+    One Triton launch on CUDA (w8a8_triton.py); this torch code is its reference."""
+    dtype, qmax = _FORMATS[fmt]
+    if x.is_cuda:
+        from pagedllm.quantization.w8a8_triton import quantize_tokens
+
+        return quantize_tokens(x, dtype, qmax)
+    return _quantize_tokens_torch(x, fmt)
+
+
+def _quantize_tokens_torch(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     dtype, qmax = _FORMATS[fmt]
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / qmax
     q = x.float() / scale

@@ -218,3 +218,40 @@ def test_gpu_kernels_match_the_dequantized_matmul(fmt: str, rows: int) -> None:
     assert got.dtype == torch.float32 and got.shape == want.shape
     err = (got - want).abs().max() / want.abs().max()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("n", [64, 100])
+def test_triton_token_quantization_matches_torch_interpreted(n: int, monkeypatch) -> None:
+    """The Triton per-token quantizer under TRITON_INTERPRET=1 (int8, fp32/fp16 inputs) against the torch
+    reference; exact halves aside, the same codes and scales."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import importlib
+
+    from pagedllm.quantization import w8a8, w8a8_triton
+
+    importlib.reload(w8a8_triton)
+    try:
+        for dtype in (torch.float32, torch.float16):
+            x = (torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+            q, scale = w8a8_triton.quantize_tokens(x, torch.int8, 127.0)
+            ref_q, ref_scale = w8a8._quantize_tokens_torch(x, "int8")
+            torch.testing.assert_close(scale, ref_scale)
+            assert (q.int() - ref_q.int()).abs().max() <= 1 and (q == ref_q).float().mean() > 0.98
+    finally:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        importlib.reload(w8a8_triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_gpu_triton_token_quantization_matches_torch(fmt: str) -> None:
+    from pagedllm.quantization import w8a8
+
+    x = torch.randn(300, 14336, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    x = x.to(torch.bfloat16)
+    q, scale = w8a8._quantize_tokens(x, fmt)
+    ref_q, ref_scale = w8a8._quantize_tokens_torch(x, fmt)
+    torch.testing.assert_close(scale, ref_scale)
+    assert (q.float() - ref_q.float()).abs().max() <= (1 if fmt == "int8" else 32)  # one code step at most
+    assert (q.float() == ref_q.float()).float().mean() > 0.99
