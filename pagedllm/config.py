@@ -41,6 +41,7 @@ class CacheConfig:
     num_gpu_blocks: int | None = None  # override profiling (tests, benchmarks)
     cpu_kv_cache_gib: float = 1.0  # KV cache budget when running on the CPU
     swap_space: float = 4.0  # GiB of CPU memory for swapped-out blocks
+    cache_dtype: str = "auto"  # auto: the model dtype; fp8: float8_e4m3fn (scale 1), half the bytes per block
 
 
 @dataclass
@@ -95,6 +96,7 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     cpu_kv_cache_gib: float = 1.0
     swap_space: float = 4.0
+    kv_cache_dtype: str = "auto"  # auto | fp8 (fp8_e4m3): KV cache elements in float8_e4m3fn
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     scheduling_policy: str = "fcfs"
@@ -138,6 +140,10 @@ class EngineArgs:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
+        if self.kv_cache_dtype == "fp8_e4m3":  # vLLM's two names of the one format
+            self.kv_cache_dtype = "fp8"
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {self.kv_cache_dtype!r}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be recompute or swap, got {self.preemption_mode!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -193,7 +199,7 @@ class EngineArgs:
         return CacheConfig(
             block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching,
             gpu_memory_utilization=self.gpu_memory_utilization, num_gpu_blocks=self.num_gpu_blocks_override,
-            cpu_kv_cache_gib=self.cpu_kv_cache_gib, swap_space=self.swap_space,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib, swap_space=self.swap_space, cache_dtype=self.kv_cache_dtype,
         )
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
@@ -252,6 +258,8 @@ class EngineArgs:
         add("--num-gpu-blocks-override", type=int, default=None, help="KV cache blocks, instead of profiling")
         add("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache size on the CPU, in GiB")
         add("--swap-space", type=float, default=4.0, help="CPU memory for swapped-out KV blocks, in GiB")
+        add("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+            help="KV cache element type; fp8: float8 e4m3 (scale 1), twice the blocks; auto: the model dtype")
         add("--max-num-seqs", type=int, default=256, help="requests running at once")
         add("--max-num-batched-tokens", type=int, default=None,
             help="tokens per step (prefill chunks and decodes); None: max(8192, max-num-seqs)")

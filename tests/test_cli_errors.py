@@ -74,8 +74,8 @@ def test_version() -> None:
 def test_vllm_flags_parse_and_features_not_built_say_so() -> None:
     proc = _cli("serve", "--enable-lora", "--lora-modules", "a=b", "--device", "cpu", timeout=60)
     _one_error_line(proc, "pagedllm serve", "--enable-lora is not supported yet")
-    proc = _cli("serve", "--kv-cache-dtype", "fp8", timeout=60)
-    _one_error_line(proc, "pagedllm serve", "--kv-cache-dtype is not supported yet")
+    proc = _cli("serve", "--cpu-offload-gb", "4", timeout=60)
+    _one_error_line(proc, "pagedllm serve", "--cpu-offload-gb is not supported yet")
     # Neutral values and knobs with no effect pass the flag check (the config file below then stops start-up).
     proc = _cli("serve", "--kv-cache-dtype", "auto", "--tokenizer-mode", "auto", "--enable-chunked-prefill",
                 "--max-seq-len-to-capture", "8192", "--trust-remote-code", "--disable-log-requests",

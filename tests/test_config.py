@@ -27,5 +27,6 @@ def test_parallel_config_and_cli_flags() -> None:
     assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.quantization) == (1, 1, None)
     with pytest.raises(ValueError, match="tensor_parallel_size=4"):
         EngineArgs.from_cli_args(parser.parse_args(["--tensor-parallel-size", "4"]))
-    with pytest.raises(ValueError, match="quantization: unknown method 'fp8'"):
-        EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp8"]))
+    with pytest.raises(ValueError, match="quantization: unknown method 'fp4'"):
+        EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp4"]))
+    assert EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp8"])).quantization == "fp8"

@@ -100,3 +100,23 @@ def get_backend(name: str) -> AttentionBackend:
         module_name, _, class_name = factory.partition(":")
         factory = getattr(importlib.import_module(module_name), class_name)
     return factory()
+
+
+def kv_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as raw bytes when its dtype is fp8 (``--kv-cache-dtype fp8``): torch's CPU indexing
+    kernels (index_copy_, gathers) have no fp8 versions, and moving bytes is all they do."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype == torch.float8_e4m3fn else kv_cache
+
+
+def as_kv_dtype(t: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """``t`` in the cache's dtype, as ``kv_bytes`` stores it (fp8: saturated to +-448, then its bytes)."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        return t.to(torch.float8_e4m3fn).view(torch.uint8)
+    return t.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``kv_cache[index]`` (index along blocks), also for an fp8 cache."""
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        return kv_cache.view(torch.uint8)[index].view(torch.float8_e4m3fn)
+    return kv_cache[index]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, as_kv_dtype, gather_kv, kv_bytes
 from pagedllm.attention.torch_ref import _gather_kv, _host_list
 
 
@@ -81,14 +81,14 @@ def write_kv_flat(
 ) -> None:
     """Scatter new K/V into the cache; slot s of K is row (s // bs) * 2 * bs + s % bs of the flat view."""
     num_blocks, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
+    flat = kv_bytes(kv_cache).view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
     slots = slot_mapping[: key.shape[0]]
     if bool((slots < 0).any()):  # padding tokens are not written
         keep = slots >= 0
         slots, key, value = slots[keep], key[: keep.shape[0]][keep], value[: keep.shape[0]][keep]
     rows = slots + (slots // block_size) * block_size  # block * 2 * bs + offset
-    flat.index_copy_(0, rows, key[: rows.shape[0]].to(kv_cache.dtype))
-    flat.index_copy_(0, rows + block_size, value[: rows.shape[0]].to(kv_cache.dtype))
+    flat.index_copy_(0, rows, as_kv_dtype(key[: rows.shape[0]], kv_cache))
+    flat.index_copy_(0, rows + block_size, as_kv_dtype(value[: rows.shape[0]], kv_cache))
 
 
 def _sdpa(
@@ -129,7 +129,7 @@ def _attend_decodes(
     num_blocks = -(-max_len // block_size)
     token_idx = torch.tensor([starts[s] for s in rows], device=device)
     tables = block_tables[torch.tensor(rows, device=device), :num_blocks].long()  # (n, nb)
-    blocks = kv_cache[tables]  # (n, nb, 2, block_size, kvh, d)
+    blocks = gather_kv(kv_cache, tables)  # (n, nb, 2, block_size, kvh, d)
     n, _, _, _, num_kv_heads, head_dim = blocks.shape
     # (n, kvh, max_len, d): the layout SDPA wants, one copy each for K and V.
     k = blocks[:, :, 0].reshape(n, -1, num_kv_heads, head_dim)[:, :max_len].transpose(1, 2).to(query.dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, as_kv_dtype, gather_kv, kv_bytes
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -72,8 +72,9 @@ def write_kv_cache(
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     block_ids, offsets = slots // block_size, slots % block_size
-    kv_cache[block_ids, 0, offsets] = key[:num_tokens][valid].to(kv_cache.dtype)
-    kv_cache[block_ids, 1, offsets] = value[:num_tokens][valid].to(kv_cache.dtype)
+    cache = kv_bytes(kv_cache)
+    cache[block_ids, 0, offsets] = as_kv_dtype(key[:num_tokens][valid], kv_cache)
+    cache[block_ids, 1, offsets] = as_kv_dtype(value[:num_tokens][valid], kv_cache)
 
 
 def _host_list(host: list[int] | None, tensor: torch.Tensor) -> list[int]:
@@ -86,7 +87,7 @@ def _gather_kv(
     """K and V of one sequence, each (seq_len, num_kv_heads, head_dim), read back from its blocks."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
-    blocks = kv_cache[block_table[:num_blocks].long()]  # (nb, 2, block_size, kvh, d)
+    blocks = gather_kv(kv_cache, block_table[:num_blocks].long())  # (nb, 2, block_size, kvh, d)
     k = blocks[:, 0].flatten(0, 1)[:seq_len]
     v = blocks[:, 1].flatten(0, 1)[:seq_len]
     return k, v
@@ -130,7 +131,7 @@ def _attend_decodes(
     lens = torch.tensor([seq_lens[s] for s in rows], device=device)
     token_idx = torch.tensor([starts[s] for s in rows], device=device)
     tables = block_tables[torch.tensor(rows, device=device), :num_blocks].long()  # (n, nb)
-    blocks = kv_cache[tables]  # (n, nb, 2, block_size, kvh, d)
+    blocks = gather_kv(kv_cache, tables)  # (n, nb, 2, block_size, kvh, d)
     n, _, _, _, num_kv_heads, head_dim = blocks.shape
     k = blocks[:, :, 0].reshape(n, -1, num_kv_heads, head_dim)[:, :max_len].float()  # (n, max_len, kvh, d)
     v = blocks[:, :, 1].reshape(n, -1, num_kv_heads, head_dim)[:, :max_len].float()

@@ -139,9 +139,9 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
-        if query.dtype not in SUPPORTED_DTYPES or kv_cache.dtype != query.dtype:
-            raise ValueError(f"dtype: query and kv_cache must share one of float16/bfloat16/float32, got "
-                             f"{query.dtype} and {kv_cache.dtype}")
+        if query.dtype not in SUPPORTED_DTYPES or kv_cache.dtype not in (query.dtype, torch.float8_e4m3fn):
+            raise ValueError(f"dtype: query must be float16/bfloat16/float32 and kv_cache the same or fp8 "
+                             f"(float8_e4m3fn), got {query.dtype} and {kv_cache.dtype}")
         if kv_cache.stride(4) != 1:
             raise ValueError("kv_cache must be contiguous along head_dim")
         if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -128,6 +128,7 @@ def _attend_tiles(
             k = tl.load(k_base + kv_offs, mask=key_valid[:, None], other=0.0)  # (TILE_N, HEAD_DIM)
         else:
             k = tl.load(k_base + kv_offs)
+        k = k.to(q.dtype)  # an fp8 cache (--kv-cache-dtype fp8) widens here; a no-op otherwise
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_M, TILE_N)
         if MASKED:
             s = tl.where(key_valid[None, :] & (pos[None, :] <= row_pos[:, None]), s, float("-inf"))
@@ -141,6 +142,7 @@ def _attend_tiles(
             v = tl.load(k_base + stride_ckv + kv_offs, mask=key_valid[:, None], other=0.0)
         else:
             v = tl.load(k_base + stride_ckv + kv_offs)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pagedllm.attention.backend import kv_bytes
+
 
 class SwapSpace:
     def __init__(self, gpu_caches: list[torch.Tensor], num_cpu_blocks: int) -> None:
@@ -20,12 +22,12 @@ class SwapSpace:
         """(gpu block, cpu block) pairs: device -> host."""
         gpu_ids = torch.tensor([g for g, _ in pairs], device=self.gpu_caches[0].device)
         cpu_ids = torch.tensor([c for _, c in pairs])
-        for gpu, cpu in zip(self.gpu_caches, self.cpu_caches):
+        for gpu, cpu in zip(map(kv_bytes, self.gpu_caches), map(kv_bytes, self.cpu_caches)):
             cpu.index_copy_(0, cpu_ids, gpu.index_select(0, gpu_ids).cpu())
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """(cpu block, gpu block) pairs: host -> device."""
         cpu_ids = torch.tensor([c for c, _ in pairs])
         gpu_ids = torch.tensor([g for _, g in pairs], device=self.gpu_caches[0].device)
-        for gpu, cpu in zip(self.gpu_caches, self.cpu_caches):
+        for gpu, cpu in zip(map(kv_bytes, self.gpu_caches), map(kv_bytes, self.cpu_caches)):
             gpu.index_copy_(0, gpu_ids, cpu.index_select(0, cpu_ids).to(gpu.device, non_blocking=True))

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from pagedllm.attention.backend import get_backend
+from pagedllm.attention.backend import get_backend, kv_bytes
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
@@ -82,9 +82,14 @@ class ModelRunner:
         num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config, self.tp_size)
         return num_layers, (num_blocks, 2, self.block_size, num_kv_heads, head_dim)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type: the model dtype, or fp8 (``--kv-cache-dtype fp8``)."""
+        return torch.float8_e4m3fn if self.cache_config.cache_dtype == "fp8" else self.dtype
+
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, shape = self.kv_cache_shape(1)
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         return num_layers * math.prod(shape) * elem
 
     def initialize_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
@@ -172,6 +177,7 @@ class ModelRunner:
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for kv in self.kv_caches:
+            kv = kv_bytes(kv)
             kv.index_copy_(0, dst, kv.index_select(0, src))
 
     def _forward(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,4 +316,4 @@ class ModelRunner:
 
     def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, shape = self.kv_cache_shape(num_blocks)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(num_layers)]
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(num_layers)]
