@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
-IMPLEMENTED_METHODS = ("ngram",)  # the draft-model proposer is not written yet
+IMPLEMENTED_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)

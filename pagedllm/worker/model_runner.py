@@ -29,6 +29,7 @@ from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerCon
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
 from pagedllm.spec_decode import NgramProposer, Proposer
+from pagedllm.spec_decode.draft_model import DraftModel
 from pagedllm.spec_decode.rejection_sampler import RejectionSampler
 from pagedllm.worker.async_output import DeferredStep, DoneStep, PendingTokens, StepHandle, reserve_slots
 from pagedllm.worker.cuda_graphs import CudaGraphRunner
@@ -66,11 +67,15 @@ class ModelRunner:
                                       self.vocab_size, device)
         self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device)
         self.proposer: Proposer | None = None
+        self.draft: DraftModel | None = None  # a draft model drafts inside the verifying step
         spec = scheduler_config.speculative_config
         if spec is not None:
             spec.check_implemented()
-            self.proposer = NgramProposer(spec)
             self.rejection_sampler = RejectionSampler()
+            if spec.method == "draft_model":
+                self.draft = DraftModel(spec, model_config, device, self.attn_backend, self.block_size)
+            else:
+                self.proposer = NgramProposer(spec)
         # Async scheduling: the tokens the step in flight samples, fed to the next step on the device.
         self._pending: PendingTokens | None = None
 
@@ -90,10 +95,13 @@ class ModelRunner:
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, shape = self.kv_cache_shape(1)
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
-        return num_layers * math.prod(shape) * elem
+        draft = self.draft.bytes_per_block(self.kv_dtype) if self.draft is not None else 0
+        return num_layers * math.prod(shape) * elem + draft
 
     def initialize_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.kv_caches = self._alloc_kv(num_blocks)
+        if self.draft is not None:
+            self.draft.allocate(num_blocks, self.kv_dtype)
         self.swap_space = SwapSpace(self.kv_caches, num_cpu_blocks) if num_cpu_blocks else None
         if self.use_cuda_graphs:
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.buffers, self.model_config.max_model_len,
@@ -105,6 +113,10 @@ class ModelRunner:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._pending = None  # a synchronous step: the rows hold every token
         self._apply_diff(sched)
+        if self.draft is not None:
+            self.draft.forget(sched.finished_req_ids | set(sched.preempted_req_ids))
+            if sched.scheduled_spec_decode_tokens:  # the placeholders get the draft model's tokens
+                self.draft.propose(sched.scheduled_spec_decode_tokens, self.input_batch, self.buffers)
         if sched.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size,
@@ -122,6 +134,9 @@ class ModelRunner:
         self._maybe_prompt_logprobs(batch, hidden, out)
         if self.proposer is not None:
             self._propose(batch, out)
+        elif self.draft is not None:  # the next step drafts; the scheduler needs only how many
+            out.spec_token_ids = {batch.req_ids[i]: self.draft.placeholder_drafts(self.draft.k)
+                                  for i, toks in enumerate(out.sampled_token_ids) if toks}
         return out
 
     @torch.inference_mode()
