@@ -46,8 +46,10 @@ class DraftModel:
         self.block_size = block_size
         self.device = device
         dtype = str(target.torch_dtype).removeprefix("torch.")
+        # A benchmark's random target (load_format "dummy") gets a random draft too.
         self.model_config = ModelConfig(model=config.model, dtype=dtype, max_model_len=target.max_model_len,
-                                        seed=target.seed)
+                                        seed=target.seed, load_format="dummy" if target.load_format == "dummy"
+                                        else "auto")
         resolve_model(self.model_config, device)
         draft_vocab = self.model_config.hf_config.vocab_size
         if draft_vocab != target.hf_config.vocab_size:
