@@ -54,8 +54,8 @@ def _prompts(seed: int, n: int) -> list[dict]:
 
 
 def _run(path: str, spec: dict | None, prompts: list[dict], params, **kwargs):  # noqa: ANN001
-    llm = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
-              speculative_config=spec, **kwargs)
+    kwargs.setdefault("device", "cpu")
+    llm = LLM(path, dtype="float32", skip_tokenizer_init=True, max_model_len=256, speculative_config=spec, **kwargs)
     outs = [[list(c.token_ids) for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
     kv = llm.engine.scheduler.kv_cache_manager
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks and not kv.req_to_blocks
