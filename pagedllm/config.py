@@ -143,9 +143,9 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_parallel_and_quantization()
         # --- tp ---
-        from pagedllm.executor.selection import resolve_backend  # torch-free
+        from pagedllm.executor.backends import resolve_backend  # torch-free
 
-        resolve_backend(self.distributed_executor_backend, self.parallel_config())
+        resolve_backend(self.distributed_executor_backend, self.parallel_config().world_size)
         # --- end tp ---
         # --- speculative decoding ---
         if self.speculative_config is not None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.config import EngineArgs, ParallelConfig
-from pagedllm.executor.selection import resolve_backend
+from pagedllm.config import EngineArgs
+from pagedllm.executor.backends import resolve_backend
 
 # fp32 and a small KV cache: 12 requests do not fit at once, so some are preempted (recomputed).
 ENGINE = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
@@ -54,8 +54,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_backend_is_chosen_like_vllm() -> None:
-    assert resolve_backend(None, ParallelConfig()) == "uni"
-    assert resolve_backend("mp", ParallelConfig()) == "mp"
+    assert resolve_backend(None, 1) == "uni"
+    assert resolve_backend(None, 2) == "mp"
+    assert resolve_backend("mp", 1) == "mp"
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         EngineArgs(distributed_executor_backend="threads")
     with pytest.raises(ValueError, match="ray"):
