@@ -109,6 +109,9 @@ class EngineArgs:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # --- tp ---
+    distributed_executor_backend: str | None = None  # uni | mp | ray; None: chosen from the world size
+    # --- end tp ---
     served_model_name: str | None = None
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
     # --- speculative decoding ---
@@ -149,6 +152,11 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_parallel_and_quantization()
+        # --- tp ---
+        from pagedllm.executor.backends import resolve_backend  # torch-free
+
+        resolve_backend(self.distributed_executor_backend, self.parallel_config().world_size)
+        # --- end tp ---
         # --- speculative decoding ---
         if self.speculative_config is not None:
             from pagedllm.spec_decode.config import SpeculativeConfig
@@ -275,6 +283,10 @@ class EngineArgs:
         add("--quantization", "-q", default=None, help="weight quantization method; None: dense weights")
         add("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs for tensor parallelism")
         add("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline stages")
+        # --- tp ---
+        add("--distributed-executor-backend", default=None, choices=["uni", "mp", "ray"],
+            help="where workers run: uni (this process), mp (a process per rank); None: uni for one GPU")
+        # --- end tp ---
         add("--served-model-name", nargs="+", default=None,
             help="model name(s) in the API (the first is reported); None: the model path")
         add("--skip-tokenizer-init", action="store_true", help="token ids in and out only, no tokenizer")

@@ -23,7 +23,7 @@ from typing import Any
 NOT_SUPPORTED: dict[str, tuple[bool, Any]] = {
     "--enable-lora": (False, None), "--lora-modules": (True, None), "--max-loras": (True, None),
     "--max-lora-rank": (True, None), "--prompt-adapters": (True, None),
-    "--data-parallel-size": (True, "1"), "--distributed-executor-backend": (True, None),
+    "--data-parallel-size": (True, "1"),
     "--cpu-offload-gb": (True, "0"),
     "--rope-scaling": (True, None), "--rope-theta": (True, None), "--hf-overrides": (True, None),
     "--tokenizer-mode": (True, "auto"), "--code-revision": (True, None), "--tokenizer-revision": (True, None),

@@ -62,7 +62,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        from pagedllm.executor.executor import UniProcExecutor
+        from pagedllm.executor.selection import make_executor  # --- tp ---
         from pagedllm.loader import load_tokenizer, resolve_model
 
         self.args = args
@@ -81,8 +81,10 @@ class LLMEngine:
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
         with log_phase(logger, "weights") as phase:  # the worker loads the model as it is built
-            self.executor = UniProcExecutor(self.model_config, self.cache_config, self.scheduler_config,
-                                            args.device_config(), args.parallel_config())
+            # --- tp ---
+            self.executor = make_executor(args.distributed_executor_backend, self.model_config, self.cache_config,
+                                          self.scheduler_config, args.device_config(), args.parallel_config())
+            # --- end tp ---
             phase.detail = f"{self.model_config.torch_dtype}".removeprefix("torch.")
         with log_phase(logger, "memory profile"):
             num_blocks = self.executor.determine_num_blocks()

@@ -1,0 +1,20 @@
+"""Build the executor that ``--distributed-executor-backend`` names (see backends.py)."""
+
+from __future__ import annotations
+
+from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pagedllm.executor.backends import resolve_backend
+from pagedllm.executor.executor import Executor
+
+
+def make_executor(backend: str | None, model_config: ModelConfig, cache_config: CacheConfig,
+                  scheduler_config: SchedulerConfig, device_config: DeviceConfig,
+                  parallel_config: ParallelConfig) -> Executor:
+    configs = (model_config, cache_config, scheduler_config, device_config, parallel_config)
+    if resolve_backend(backend, parallel_config.world_size) == "mp":
+        from pagedllm.executor.mp_executor import MultiprocExecutor
+
+        return MultiprocExecutor(*configs)
+    from pagedllm.executor.executor import UniProcExecutor
+
+    return UniProcExecutor(*configs)
