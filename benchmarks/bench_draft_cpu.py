@@ -6,7 +6,7 @@ For each grounded and chat prompt (benchmarks/data/spec_*.json, chat template, g
 the speculating engine run back to back; reported per set: ms per output token (decode phase), their ratio,
 draft acceptance and tokens per target forward (accepted drafts + 1). Greedy outputs must match.
 
-    PYTHONPATH=. python benchmarks/bench_draft_cpu.py [--draft-layers 6] [--k 3] [--max-tokens 96]
+    PYTHONPATH=. python benchmarks/bench_draft_cpu.py [--draft-layers 6] [--k 3] [--max-tokens 96] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ def main() -> None:
     ap.add_argument("--draft-layers", type=int, default=6)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", default="auto", help="float32: exact (bf16 weights are not batch-invariant)")
     ns = ap.parse_args()
     from pagedllm import LLM, SamplingParams
 
     draft_dir = make_draft(ns.draft_layers, Path(tempfile.mkdtemp()) / "draft")
-    plain = LLM(max_model_len=2048)
-    spec = LLM(max_model_len=2048, speculative_config={"model": draft_dir, "num_speculative_tokens": ns.k})
+    plain = LLM(max_model_len=2048, dtype=ns.dtype)
+    spec = LLM(max_model_len=2048, dtype=ns.dtype,
+               speculative_config={"model": draft_dir, "num_speculative_tokens": ns.k})
     params = SamplingParams(temperature=0, max_tokens=ns.max_tokens)
     for name in ("grounded", "chat"):
         prompts = [p["prompt"] for p in json.loads((HERE / "data" / f"spec_{name}.json").read_text())]
