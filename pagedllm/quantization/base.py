@@ -32,6 +32,15 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def register_bias(layer: nn.Module, output_size: int, bias: bool, weight_loader: WeightLoader) -> None:
+    """The layer's ``bias`` in the model dtype (every method keeps it dense), or None."""
+    if bias:
+        layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+        layer.bias.weight_loader = weight_loader
+    else:
+        layer.register_parameter("bias", None)
+
+
 class QuantizationMethod(ABC):
     """How one linear layer stores, loads and applies its weight."""
 
@@ -82,11 +91,7 @@ class UnquantizedLinearMethod(QuantizationMethod):
     ) -> None:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         layer.weight.weight_loader = weight_loader
-        if bias:
-            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            layer.bias.weight_loader = weight_loader
-        else:
-            layer.register_parameter("bias", None)
+        register_bias(layer, output_size, bias, weight_loader)
 
     def weight_loader(
         self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader, copy_weight
+from pagedllm.quantization.base import (
+    QuantizationConfig,
+    QuantizationMethod,
+    WeightLoader,
+    copy_weight,
+    register_bias,
+)
 
 _FORMATS = {"fp8": (torch.float8_e4m3fn, 448.0), "int8": (torch.int8, 127.0)}
 
@@ -82,11 +88,7 @@ class W8A8LinearMethod(QuantizationMethod):
         layer.weight_scale.derived_from_weight = True
         for p in (layer.weight, layer.weight_scale):
             p.weight_loader = weight_loader
-        if bias:
-            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            layer.bias.weight_loader = weight_loader
-        else:
-            layer.register_parameter("bias", None)
+        register_bias(layer, output_size, bias, weight_loader)
 
     def weight_loader(
         self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,

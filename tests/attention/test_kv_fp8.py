@@ -15,6 +15,7 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.attention.backend import get_backend
 from tests.attention.test_triton_attention import INTERPRETED, make_case
+from tests.tiny_llama import save_tiny_llama
 
 FP8 = torch.float8_e4m3fn
 SPECS = [(0, 7), (13, 1), (40, 3), (5, 1), (33, 1)]
@@ -71,19 +72,7 @@ def test_gpu_triton_fp8_cache_bf16() -> None:
 
 
 def _tiny(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape) * 0.1)
-    path = tmp_path_factory.mktemp("tiny_kv_fp8")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_kv_fp8"))
 
 
 def test_engine_doubles_blocks_and_agrees_greedily(tmp_path_factory) -> None:

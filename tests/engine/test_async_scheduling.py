@@ -17,23 +17,12 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineArgs
+from tests.tiny_llama import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    path = tmp_path_factory.mktemp("tiny_llama_async")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_async"))
 
 
 def _tiny(path: str, async_scheduling: bool, **kwargs) -> LLM:

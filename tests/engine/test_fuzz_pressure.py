@@ -21,6 +21,7 @@ import torch
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.core.outputs import SchedulerOutput
+from tests.tiny_llama import save_tiny_llama
 
 BLOCK_SIZE = 16
 MAX_LEN = 256
@@ -29,19 +30,7 @@ STALL_STEPS = 300
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # N(0, 0.1): peaked distributions, few near-ties
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _llm(model_dir: str, **kwargs) -> LLM:

@@ -9,11 +9,11 @@ import random
 import signal
 
 import pytest
-import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineArgs
 from pagedllm.executor.backends import resolve_backend
+from tests.tiny_llama import save_tiny_llama
 
 # fp32 and a small KV cache: 12 requests do not fit at once, so some are preempted (recomputed).
 ENGINE = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
@@ -23,19 +23,7 @@ ENGINE = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     """A tiny random Llama (the executor's plumbing does not depend on the model's size)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # N(0, 0.1): peaked distributions, few near-ties
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _prompts() -> list[dict]:

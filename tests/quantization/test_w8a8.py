@@ -24,6 +24,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.models.layers.linear import MergedColumnParallelLinear
 from pagedllm.quantization import get_quantization_config
 from pagedllm.quantization.w8a8 import dequantize_rows, quantize_rows
+from tests.tiny_llama import tiny_llama
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,16 +63,7 @@ def test_fused_layer_quantizes_each_shard_and_matches_the_dequantized_matmul(fmt
 
 
 def _tiny_model(path: Path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape) * 0.1)
+    model = tiny_llama()
     model.save_pretrained(path)
     return model
 

@@ -10,38 +10,29 @@ sampling is reproducible; every block is back in the pool.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from tests.tiny_llama import tiny_llama
 
 
-def _llama(path: Path, seed: int, layers: int = 2, vocab: int = 256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # peaked distributions: the truncated draft agrees with the target often
-        for _, p in sorted(model.named_parameters()):
-            p.copy_(torch.randn(p.shape) * 0.15)
-    return model
+def _llama(seed: int, layers: int = 2, vocab: int = 256):
+    # Peaked distributions (N(0, 0.15)): the truncated draft agrees with the target often.
+    return tiny_llama(seed, scale=0.15, num_hidden_layers=layers, vocab_size=vocab)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("draft_models")
-    target = _llama(root / "target", 0)
+    target = _llama(0)
     target.save_pretrained(root / "target")
     # The target's first layer with its embedding, final norm and LM head: a draft that often agrees.
-    first = _llama(root / "first", 0, layers=1)
+    first = _llama(0, layers=1)
     first.load_state_dict({k: v for k, v in target.state_dict().items() if ".layers.1." not in k})
     first.save_pretrained(root / "first")
-    _llama(root / "vocab", 0, vocab=300).save_pretrained(root / "vocab")
+    _llama(0, vocab=300).save_pretrained(root / "vocab")
     return {name: str(root / name) for name in ("target", "first", "vocab")}
 
 
