@@ -51,16 +51,17 @@ class PendingTokens:
         """(flat token indices of ``batch``, their input ids on the device) for the batch's tokens
         at pending positions, or None when the batch has none."""
         dst, src = [], []
-        qsl, positions = batch.query_start_loc, batch.positions
-        for i, req_id in enumerate(batch.req_ids):
-            hit = self.index.get(req_id)
+        qsl = batch.query_start_loc
+        # Plain ints, one conversion per array: this runs every step on the host's critical path.
+        firsts, ends, starts = qsl[:-1].tolist(), qsl[1:].tolist(), batch.positions[qsl[:-1]].tolist()
+        index = self.index
+        for req_id, first, end, start in zip(batch.req_ids, firsts, ends, starts):
+            hit = index.get(req_id)
             if hit is None:
                 continue
             k, pos = hit
-            first = int(qsl[i])
-            offset = pos - int(positions[first])
-            if 0 <= offset < int(qsl[i + 1]) - first:
-                dst.append(first + offset)
+            if start <= pos < start + end - first:
+                dst.append(first + pos - start)
                 src.append(k)
         if not dst:
             return None
