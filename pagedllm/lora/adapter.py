@@ -1,0 +1,82 @@
+"""Load and validate a PEFT LoRA adapter directory.
+
+PEFT stores, per adapted linear, `lora_A` (rank, in) and `lora_B` (out, rank) under keys
+like `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`. The delta applied to
+`y = x W^T` is `scaling * (x A^T) B^T` with `scaling = alpha / r` (or `alpha / sqrt(r)` with
+rsLoRA). We fold `scaling` into B once at load so the batched kernels need no per-slot scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY_RE = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One adapter's weights in fp32, scaling folded into B.
+
+    `weights[(layer, target)] = (A, B)` with A: (rank, in), B: (out, rank).
+    """
+
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def _read_config(path: str, max_rank: int) -> tuple[int, float, set[str]]:
+    """Validate `adapter_config.json`; returns (rank, scaling, target modules)."""
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"lora_path: no adapter_config.json in {path!r}")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"lora_path: peft_type {cfg.get('peft_type')!r} is not LORA")
+    rank = int(cfg.get("r", 0))
+    if rank < 1 or rank > max_rank:
+        raise ValueError(f"lora rank {rank} of {path!r} is outside 1..max_lora_rank={max_rank}")
+    targets = cfg.get("target_modules") or []
+    targets = {targets} if isinstance(targets, str) else set(targets)
+    unsupported = targets - set(SUPPORTED_TARGETS)
+    if unsupported:
+        raise ValueError(f"target_modules {sorted(unsupported)} not supported (supported: {SUPPORTED_TARGETS})")
+    alpha = float(cfg.get("lora_alpha", rank))
+    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return rank, scaling, targets
+
+
+def load_peft_adapter(path: str, max_rank: int) -> LoRAAdapter:
+    """Read a PEFT adapter directory into a `LoRAAdapter`; ValueError on anything we cannot serve."""
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(path):
+        raise ValueError(f"lora_path: {path!r} is not a directory")
+    rank, scaling, _ = _read_config(path, max_rank)
+    st_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(st_path):
+        raise ValueError(f"lora_path: no adapter_model.safetensors in {path!r}")
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(st_path).items():
+        m = _KEY_RE.search(key)
+        if m is None or m.group(2) not in SUPPORTED_TARGETS:
+            raise ValueError(f"adapter tensor {key!r} is not a supported LoRA weight")
+        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor.float()
+    adapter = LoRAAdapter(rank=rank, scaling=scaling)
+    for slot, ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"adapter {path!r}: layer {slot} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            shapes = f"{tuple(a.shape)}/{tuple(b.shape)}"
+            raise ValueError(f"adapter {path!r}: {slot} shapes {shapes} disagree with r={rank}")
+        adapter.weights[slot] = (a.contiguous(), (b * scaling).contiguous())
+    return adapter
