@@ -55,12 +55,32 @@ class SchedulerConfig:
     async_scheduling: bool = False
     # --- speculative decoding ---
     speculative_config: SpeculativeConfig | None = None  # None: speculation off
+    lora_config: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
 
     @property
     def num_speculative_tokens(self) -> int:
         """Drafts per request per step (0: speculation off)."""
         return self.speculative_config.num_speculative_tokens if self.speculative_config else 0
     # --- end speculative decoding ---
+
+
+@dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (pagedllm/lora): adapter slots on the device and the cache of loaded adapters."""
+
+    max_loras: int = 1  # distinct adapters in one step (device slots)
+    max_lora_rank: int = 16  # slots are padded to this rank
+    max_cpu_loras: int | None = None  # adapters kept loaded in CPU memory; None: max_loras
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
 
 
 @dataclass
@@ -113,6 +133,12 @@ class EngineArgs:
     distributed_executor_backend: str | None = None  # uni | mp | ray; None: chosen from the world size
     # --- end tp ---
     served_model_name: str | None = None
+    # --- lora ---
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    # --- end lora ---
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks with dummy weights)
     # --- speculative decoding ---
     # vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4}; parsed in __post_init__.
@@ -152,6 +178,7 @@ class EngineArgs:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_parallel_and_quantization()
+        self.lora_config()  # --- lora: bad limits fail here, naming the field
         # --- tp ---
         from pagedllm.executor.backends import resolve_backend  # torch-free
 
@@ -217,7 +244,15 @@ class EngineArgs:
             policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
             async_scheduling=self.resolved_async_scheduling(),
             speculative_config=self.speculative_config,  # --- speculative decoding ---
+            lora_config=self.lora_config(),
         )
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The LoRA limits when ``enable_lora``; None (LoRA off) otherwise."""
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                          max_cpu_loras=self.max_cpu_loras)
 
     def resolved_async_scheduling(self) -> bool:
         """``async_scheduling``; None (auto) is off for now: an engine reused across runs with request ids
@@ -285,6 +320,12 @@ class EngineArgs:
         # --- end tp ---
         add("--served-model-name", nargs="+", default=None,
             help="model name(s) in the API (the first is reported); None: the model path")
+        # --- lora ---
+        add("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, lora_request)")
+        add("--max-loras", type=int, default=1, help="distinct LoRA adapters in one step (device slots)")
+        add("--max-lora-rank", type=int, default=16, help="largest LoRA rank served")
+        add("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in CPU memory; None: max-loras")
+        # --- end lora ---
         add("--skip-tokenizer-init", action="store_true", help="token ids in and out only, no tokenizer")
         add("--chat-template", default=None, help="chat template (a Jinja file or the template); "
                                                   "None: the tokenizer's")

@@ -46,7 +46,8 @@ class KVCacheManager:
         bs = self.block_size
         while (len(hashes) + 1) * bs <= request.num_tokens:
             start = len(hashes) * bs
-            parent = hashes[-1] if hashes else None
+            # A request's first block chains to its adapter: two adapters never share KV blocks.
+            parent = hashes[-1] if hashes else _lora_seed(request.lora_int_id)
             hashes.append(hash_block_tokens(parent, request.all_token_ids[start:start + bs]))
         return hashes
 
@@ -189,3 +190,8 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()
+
+
+def _lora_seed(lora_int_id: int) -> bytes | None:
+    """The parent digest of a request's first block: None for the base model, else one per adapter."""
+    return f"lora:{lora_int_id}".encode() if lora_int_id else None

@@ -8,8 +8,12 @@ its own per-request state, so a decode step ships a few integers per request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.lora.request import LoRARequest
 
 
 @dataclass
@@ -22,6 +26,7 @@ class NewRequestData:
     # Tokens already generated: non-empty when a request is first sent to a
     # runner after being preempted and recomputed elsewhere.
     output_token_ids: list[int] = field(default_factory=list)
+    lora_request: LoRARequest | None = None  # the adapter it runs with; None: the base model
 
 
 @dataclass
@@ -128,6 +133,9 @@ class SchedulerStats:
     num_free_blocks: int
     num_total_blocks: int
     spec_decoding: SpecDecodingStats | None = None  # None: speculation off
+    # --- lora: adapter names of the running and waiting requests (pagedllm:lora_requests_info) ---
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
 
 
 @dataclass

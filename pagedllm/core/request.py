@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.lora.request import LoRARequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -46,8 +50,10 @@ class Request:
         eos_token_id: int | None,
         arrival_time: float | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
+        self.lora_request = lora_request  # the adapter it runs with; None: the base model
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
@@ -69,6 +75,11 @@ class Request:
         # Async scheduling: tokens that steps in flight will sample for this request, which
         # the host does not know yet (positions are scheduled as if they were; see the scheduler).
         self.num_output_placeholders = 0
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's engine-wide id; 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_tokens(self) -> int:

@@ -327,8 +327,17 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         """Admit waiting requests in the queue's order while budget, blocks and max_num_seqs allow."""
+        # --- lora: at most max_loras distinct adapters run at once (the runner's device slots);
+        # a request whose adapter finds no slot waits, skipped over, in its place in the queue.
+        lora_config = self.config.lora_config
+        active_loras = {r.lora_int_id for r in self.running} - {0} if lora_config else set()
+        skipped: list[Request] = []
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.peek()
+            if (lora_config and req.lora_int_id and req.lora_int_id not in active_loras
+                    and len(active_loras) >= lora_config.max_loras):
+                skipped.append(self.waiting.pop())
+                continue
             if req.status in _RESUMES_FROM_KV:  # its KV is in place (forked) or on the CPU (swapped)
                 hit_blocks, num_hit = [], req.num_computed_tokens
             else:
@@ -343,6 +352,10 @@ class Scheduler:
                 continue
             self.waiting.pop()
             self._admit(req, plan, num_hit, num_new, new_blocks)
+            if req.lora_int_id:
+                active_loras.add(req.lora_int_id)
+        for req in reversed(skipped):
+            self.waiting.prepend(req)
 
     def _admit(self, req: Request, plan: _StepPlan, num_hit: int, num_new: int,
                new_blocks: list[KVCacheBlock]) -> None:
@@ -368,7 +381,7 @@ class Scheduler:
             self._sent_to_runner.add(req.request_id)
             plan.new_reqs.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, req.sampling_params, block_ids, num_hit,
-                list(req.output_token_ids)))
+                list(req.output_token_ids), req.lora_request))
 
     def _drop_waiting_forks(self, keep: Request) -> bool:
         """Turn waiting forked requests back into plain prefills (prefix caching may still hit)."""
@@ -576,7 +589,8 @@ class Scheduler:
             num_running=len(self.running), num_waiting=len(self.waiting), kv_cache_usage=kv.usage(),
             num_preemptions=self.num_preemptions, prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits, num_free_blocks=kv.block_pool.get_num_free_blocks(),
-            num_total_blocks=kv.num_blocks)
+            num_total_blocks=kv.num_blocks,
+            running_lora_adapters=_lora_names(self.running), waiting_lora_adapters=_lora_names(self.waiting))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.fork_waiters or self.paused)
@@ -584,6 +598,11 @@ class Scheduler:
     def get_num_unfinished_requests(self) -> int:
         return (len(self.waiting) + len(self.running) + len(self.paused)
                 + sum(map(len, self.fork_waiters.values())))
+
+
+def _lora_names(requests: Iterable[Request]) -> list[str]:
+    """The distinct adapter names of ``requests``, sorted."""
+    return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})
 
 
 def _reads_host_tokens(params: SamplingParams) -> bool:

@@ -16,6 +16,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.beam_search import BeamSearchOutput
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.logging_utils import configure_logging
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
@@ -69,12 +70,21 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); outputs in prompt order."""
+        """Generate for every prompt (strings or token-id lists); outputs in prompt order.
+
+        ``lora_request``: one adapter for every prompt, or one per prompt (None: the base model)."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("priority must have one entry per prompt")
+        if lora_request is None or not isinstance(lora_request, Sequence):
+            lora_list = [lora_request] * len(prompt_list)
+        elif len(lora_request) != len(prompt_list):
+            raise ValueError("lora_request must be one LoRARequest or have one entry per prompt")
+        else:
+            lora_list = list(lora_request)
         ids: list[str] = []
         try:
             for i, (prompt, params) in enumerate(zip(prompt_list, params_list)):
@@ -82,7 +92,8 @@ class LLM:
                     params = params.clone()
                     params.output_kind = "final_only"
                 req_id = str(next(self._counter))
-                self.engine.add_request(req_id, prompt, params, priority=priority[i] if priority else 0)
+                self.engine.add_request(req_id, prompt, params, priority=priority[i] if priority else 0,
+                                        lora_request=lora_list[i])
                 ids.append(req_id)
         except ValueError:
             self.engine.abort_request(ids)  # all or nothing: no earlier prompt stays queued

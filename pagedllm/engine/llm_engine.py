@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,7 @@ from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 from pagedllm.structured_output import StructuredOutputManager
 
 if TYPE_CHECKING:
+    from pagedllm.lora.request import LoRARequest
     from pagedllm.worker.async_output import StepHandle
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     spec_decoding: SpecDecodingStats | None = None  # cumulative; None with speculation off
+    running_lora_adapters: list[str] = field(default_factory=list)  # --- lora: adapter names
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_lora: int = 0  # device slots (0: LoRA off)
 
 
 class LLMEngine:
@@ -110,6 +114,7 @@ class LLMEngine:
         # Every id that ends a sequence unless ignore_eos.
         self.all_eos_ids = self.extra_eos_ids | ({self.eos_token_id} if self.eos_token_id is not None else set())
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._lora_paths: dict[int, str] = {}  # --- lora: adapters checked by check_lora, id -> path
         self.beam_search = BeamSearchManager(self.scheduler, self.all_eos_ids, self._decode_beam)
         # --- structured outputs: grammars, matchers and the step's bitmask (xgrammar loads on first use) ---
         self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.all_eos_ids,
@@ -126,11 +131,13 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> None:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self.check_lora(lora_request)
         prompt_text, prompt_ids = self._prompt_ids(prompt)
         params.resolve_token_constraints(self.tokenizer, self.vocab_size)  # --- structured outputs
         if not self.args.disable_log_requests:
@@ -143,7 +150,8 @@ class LLMEngine:
             if params.structured_outputs is not None:  # --- structured outputs: compile off the loop, hold
                 self.structured_output.add_request(request_id, params.structured_outputs)
             for req_id, child_params in samples:
-                req = Request(req_id, prompt_ids, child_params, self.eos_token_id, arrival_time, priority)
+                req = Request(req_id, prompt_ids, child_params, self.eos_token_id, arrival_time, priority,
+                              lora_request)
                 # Samples after the first share its prompt KV (fork) instead of recomputing it.
                 if self.structured_output.is_held(request_id):  # --- structured outputs
                     req.max_tokens = self.scheduler.check_length(req.num_prompt_tokens, req.max_tokens)
@@ -158,6 +166,31 @@ class LLMEngine:
             for rid in added:
                 self.scheduler.free_finished(rid)
             raise
+
+    def check_lora(self, lora_request: LoRARequest | None) -> None:
+        """ValueError unless ``lora_request`` names an adapter this engine can run (read and checked
+        against the model once per adapter id; the worker reads it again when it first runs it)."""
+        if lora_request is None:
+            return
+        from pagedllm.lora.request import LoRARequest
+
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        lora_config = self.scheduler_config.lora_config
+        if lora_config is None:
+            raise ValueError("lora_request: LoRA is not enabled (LLM(enable_lora=True) / --enable-lora)")
+        known = self._lora_paths.get(lora_request.lora_int_id)
+        if known == lora_request.lora_path:
+            return
+        if known is not None:
+            raise ValueError(f"lora_int_id {lora_request.lora_int_id} already names the adapter at {known!r}")
+        from pagedllm.lora.adapter import check_adapter, load_peft_adapter
+        from pagedllm.lora.layers import target_shapes
+
+        hf_config = self.model_config.hf_config
+        adapter = load_peft_adapter(lora_request.lora_path, lora_config.max_lora_rank)
+        check_adapter(adapter, target_shapes(hf_config), hf_config.num_hidden_layers, lora_request.lora_path)
+        self._lora_paths[lora_request.lora_int_id] = lora_request.lora_path
 
     @property
     def requests(self) -> dict[str, RequestState]:
@@ -301,7 +334,9 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, num_prompt_tokens=self.output_processor.num_prompt_tokens,
             num_generation_tokens=self.output_processor.num_generation_tokens, num_free_blocks=s.num_free_blocks,
-            num_total_blocks=s.num_total_blocks, spec_decoding=s.spec_decoding)
+            num_total_blocks=s.num_total_blocks, spec_decoding=s.spec_decoding,
+            running_lora_adapters=s.running_lora_adapters, waiting_lora_adapters=s.waiting_lora_adapters,
+            max_lora=self.scheduler_config.lora_config.max_loras if self.scheduler_config.lora_config else 0)
 
 
 def _check_kv_cache_fits(max_model_len: int, num_blocks: int, cache_config) -> None:  # noqa: ANN001

@@ -1,13 +1,16 @@
-"""Multi-LoRA support (issue #15): adapter loading and batched LoRA math.
+"""Multi-LoRA serving: many PEFT adapters over one base model, mixed in one batch.
 
-Only the model-independent pieces live here so far: `LoRARequest`, PEFT adapter
-loading/validation (`adapter.py`) and the batched shrink/expand ops
-(`punica.py`), and the GPU slot table (`slots.py`). Wiring into the model runner, scheduler and server is not done yet.
+    request.py        LoRARequest (which adapter a request runs with; torch-free)
+    adapter.py        PEFT adapter directory -> LoRAAdapter (validated, scaling folded into B)
+    slots.py          LoRASlots: the stacked per-(layer, target) A/B tensors on the device
+    punica.py         batched shrink/expand in torch (per-token slot gather)
+    triton_punica.py  the same as one Triton BGMV kernel (GPU, CUDA graphs)
+    layers.py         LoRALinear: a model's linear + the delta of each token's adapter
+    manager.py        LoRAManager (worker side): loads, caches and activates adapters per step
+
+Only ``LoRARequest`` is imported here, so the engine's torch-free modules can name it.
 """
 
-from pagedllm.lora.adapter import LoRAAdapter, load_peft_adapter
-from pagedllm.lora.punica import add_lora, lora_expand, lora_shrink
 from pagedllm.lora.request import LoRARequest
-from pagedllm.lora.slots import LoRASlots
 
-__all__ = ["LoRAAdapter", "LoRARequest", "LoRASlots", "add_lora", "load_peft_adapter", "lora_expand", "lora_shrink"]
+__all__ = ["LoRARequest"]

@@ -49,6 +49,13 @@ def _read_config(path: str, max_rank: int) -> tuple[int, float, set[str]]:
     unsupported = targets - set(SUPPORTED_TARGETS)
     if unsupported:
         raise ValueError(f"target_modules {sorted(unsupported)} not supported (supported: {SUPPORTED_TARGETS})")
+    for key, what in (("use_dora", "DoRA"), ("rank_pattern", "per-module ranks"),
+                      ("alpha_pattern", "per-module alphas"), ("modules_to_save", "modules_to_save"),
+                      ("lora_bias", "LoRA biases")):
+        if cfg.get(key):
+            raise ValueError(f"adapter {path!r}: {key} ({what}) is not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"adapter {path!r}: bias={cfg['bias']!r} is not supported (only 'none')")
     alpha = float(cfg.get("lora_alpha", rank))
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     return rank, scaling, targets
@@ -80,3 +87,15 @@ def load_peft_adapter(path: str, max_rank: int) -> LoRAAdapter:
             raise ValueError(f"adapter {path!r}: {slot} shapes {shapes} disagree with r={rank}")
         adapter.weights[slot] = (a.contiguous(), (b * scaling).contiguous())
     return adapter
+
+
+def check_adapter(adapter: LoRAAdapter, shapes: dict[str, tuple[int, int]], num_layers: int, path: str) -> None:
+    """ValueError unless every weight of ``adapter`` fits the model: ``shapes`` are each target's
+    (in, out) (``layers.target_shapes``) and layers run ``0 .. num_layers - 1``."""
+    for (layer, target), (a, b) in adapter.weights.items():
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"adapter {path!r}: layer {layer} is outside the model's {num_layers} layers")
+        want_in, want_out = shapes[target]
+        if a.shape[1] != want_in or b.shape[0] != want_out:
+            raise ValueError(f"adapter {path!r}: {target} of layer {layer} is {b.shape[0]}x{a.shape[1]}, "
+                             f"the model's is {want_out}x{want_in} (an adapter for another model?)")

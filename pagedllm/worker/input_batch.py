@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pagedllm.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.sampling_metadata import SamplingMetadata, SamplingState
 
@@ -45,6 +46,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     output_token_ids: list[int]
     generator: torch.Generator | None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -72,6 +74,8 @@ class FlatBatch:
     # Async scheduling: (flat token indices, input ids on the device) that replace input_ids there,
     # the tokens the previous step sampled and the host has not read yet (worker/async_output.py).
     input_id_patch: tuple[torch.Tensor, torch.Tensor] | None = None
+    # LoRA: each token's adapter slot (-1: the base model); None when LoRA is off (pagedllm/lora).
+    lora_slots: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +104,8 @@ class InputBatch:
         self.num_computed_tokens = np.zeros(capacity, dtype=np.int32)
         self.block_table = np.zeros((capacity, max_num_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(capacity, dtype=np.int32)
+        self.lora_ids = np.zeros(capacity, dtype=np.int32)  # each row's adapter id, 0: the base model
+        self.lora_requests: dict[int, LoRARequest] = {}  # adapter id -> request naming its path
         self.sampling = SamplingState(capacity, vocab_size)
         self.preempted: dict[str, CachedRequestState] = {}
         self._condensed = True
@@ -130,8 +136,8 @@ class InputBatch:
             state = self.preempted.pop(cached.req_id, None)
             if state is not None:  # preempted: back into a row (a released paused beam kept its row)
                 self.add_request(NewRequestData(
-                    state.req_id, state.prompt_token_ids, state.sampling_params, [], 0, state.output_token_ids),
-                    state.generator)
+                    state.req_id, state.prompt_token_ids, state.sampling_params, [], 0, state.output_token_ids,
+                    state.lora_request), state.generator)
             row = self.req_id_to_row[cached.req_id]
             self.num_blocks[row] = 0  # the whole table is sent again
         else:
@@ -158,6 +164,9 @@ class InputBatch:
         self.num_tokens[row] = num_prompt + num_output
         self.num_computed_tokens[row] = new.num_computed_tokens
         self.num_blocks[row] = 0
+        self.lora_ids[row] = new.lora_request.lora_int_id if new.lora_request is not None else 0
+        if new.lora_request is not None:
+            self.lora_requests[new.lora_request.lora_int_id] = new.lora_request
         self._append_blocks(row, new.block_ids)
         self.sampling.add(row, params, generator)
         return row
@@ -175,7 +184,8 @@ class InputBatch:
         num_prompt, num_tokens = int(self.num_prompt_tokens[row]), int(self.num_tokens[row])
         return CachedRequestState(
             req_id, self.token_ids[row, :num_prompt].tolist(), self.sampling.params[row],
-            self.token_ids[row, num_prompt:num_tokens].tolist(), self.sampling.generators.get(row))
+            self.token_ids[row, num_prompt:num_tokens].tolist(), self.sampling.generators.get(row),
+            self.lora_requests.get(int(self.lora_ids[row])))
 
     def condense(self) -> None:
         """Move the last occupied rows into the holes, so the occupied rows are ``[0, num_reqs)``."""
@@ -192,7 +202,8 @@ class InputBatch:
             num_tokens, num_blocks = self.num_tokens[src], self.num_blocks[src]
             self.token_ids[dst, :num_tokens] = self.token_ids[src, :num_tokens]
             self.block_table[dst, :num_blocks] = self.block_table[src, :num_blocks]
-            for arr in (self.num_prompt_tokens, self.num_tokens, self.num_computed_tokens, self.num_blocks):
+            for arr in (self.num_prompt_tokens, self.num_tokens, self.num_computed_tokens, self.num_blocks,
+                        self.lora_ids):
                 arr[dst] = arr[src]
             self.sampling.move(src, dst)
 
@@ -209,7 +220,7 @@ class InputBatch:
         old = len(self.req_ids)
         self.req_ids.extend([None] * (capacity - old))
         for name in ("token_ids", "num_prompt_tokens", "num_tokens", "num_computed_tokens", "block_table",
-                     "num_blocks"):
+                     "num_blocks", "lora_ids"):
             arr = getattr(self, name)
             grown = np.zeros((capacity, *arr.shape[1:]), dtype=arr.dtype)
             grown[:old] = arr

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from pagedllm.worker.input_batch import FlatBatch, InputBatch, flat_logits_indic
 from pagedllm.worker.input_buffers import InputBuffers
 from pagedllm.worker.kv_swap import SwapSpace
 from pagedllm.worker.sampling_metadata import SamplingMetadata
+
+if TYPE_CHECKING:
+    from pagedllm.lora.manager import LoRAManager
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,15 @@ class ModelRunner:
         max_num_blocks = -(-model_config.max_model_len // self.block_size)
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, model_config.max_model_len, max_num_blocks,
                                       self.vocab_size, device)
-        self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device)
+        lora_config = scheduler_config.lora_config
+        self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device,
+                                    lora=lora_config is not None)
+        self.lora: LoRAManager | None = None  # --- lora: wraps the linears; the adapters of each step
+        if lora_config is not None:
+            from pagedllm.lora.manager import LoRAManager
+
+            token_slots = self.buffers.lora_slots() if device.type == "cuda" else None
+            self.lora = LoRAManager(self.model, lora_config, token_slots, device, self.dtype)
         self.proposer: Proposer | None = None
         self.draft: DraftModel | None = None  # a draft model drafts inside the verifying step
         spec = scheduler_config.speculative_config
@@ -106,7 +118,11 @@ class ModelRunner:
         if self.use_cuda_graphs:
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.buffers, self.model_config.max_model_len,
                                           max_batch_size=self.scheduler_config.max_num_seqs)
-            self.graphs.capture()
+            if self.lora is not None:  # the graphs read each token's adapter slot from the input buffers
+                with self.lora.device_slots():
+                    self.graphs.capture()
+            else:
+                self.graphs.capture()
 
     # ---- one step ----------------------------------------------------------
     @torch.inference_mode()
@@ -121,6 +137,8 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size,
                                          sched.scheduled_spec_decode_tokens)
+        if self.lora is not None:
+            self.lora.prepare(batch, self.input_batch)
         hidden, logits_indices = self._forward(batch)  # queued on the GPU, not finished
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
         if len(batch.logits_indices):
@@ -150,6 +168,8 @@ class ModelRunner:
         if sched.total_num_scheduled_tokens == 0:
             return DoneStep(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size)
+        if self.lora is not None:
+            self.lora.prepare(batch, self.input_batch)
         if self._pending is not None:
             batch.input_id_patch = self._pending.feed(batch, self.device)
         hidden, logits_indices = self._forward(batch)

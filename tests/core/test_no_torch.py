@@ -12,7 +12,8 @@ import pagedllm.core
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CORE_DIR = Path(pagedllm.core.__file__).resolve().parent
-ALLOWED_OUTSIDE_CORE = {"pagedllm.config", "pagedllm.sampling_params"}
+# lora.request: the LoRARequest a request carries (a torch-free dataclass, like SamplingParams).
+ALLOWED_OUTSIDE_CORE = {"pagedllm.config", "pagedllm.sampling_params", "pagedllm.lora.request"}
 HEAVY = ("torch", "transformers", "triton")  # the last two import torch themselves
 
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pagedllm.lora import LoRARequest, LoRASlots, add_lora, load_peft_adapter
+from pagedllm.lora import LoRARequest
+from pagedllm.lora.adapter import load_peft_adapter
+from pagedllm.lora.punica import add_lora
+from pagedllm.lora.slots import LoRASlots
 
 HID, INTER = 16, 24
 SHAPES = {(0, "q_proj"): (HID, HID), (0, "down_proj"): (INTER, HID), (1, "q_proj"): (HID, HID)}

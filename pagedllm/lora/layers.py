@@ -1,0 +1,124 @@
+"""LoRALinear: a model's linear layer plus, for each token, the delta of its adapter.
+
+After the weights load, the runner wraps each adaptable linear of every decoder layer
+(``wrap_model``). A fused layer holds several PEFT targets side by side in its output:
+
+    qkv_proj      q_proj | k_proj | v_proj        o_proj     (one target)
+    gate_up_proj  gate_proj | up_proj             down_proj  (one target)
+
+so each target's delta goes to its column range. Two ways to compute the deltas, both
+reading the stacked per-slot weights of ``LoRASlots``:
+
+    eager     per step, the tokens of each active slot (``LoRAState.segments``, built once per
+              step by the manager): y[tokens, cols] += (x[tokens] @ A.T) @ B.T, one matmul pair
+              per adapter (Punica's SGMV on the CPU and for GPU prefills)
+    graphs    each token's slot read from the device buffer ``token_slots`` (the Triton BGMV
+              kernel, lora/triton_punica.py): what a captured CUDA graph replays
+
+With tensor parallelism the deltas would have to be split like the base weights; pagedllm
+runs one rank today, where the all-reduce of a row-parallel layer is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.lora.slots import LoRASlots
+
+# Our fused parameter -> the PEFT targets it holds, in output order.
+FUSED_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def target_shapes(hf_config: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each PEFT target of one decoder layer (the full, unsplit model)."""
+    from pagedllm.models.llama import get_head_dim
+
+    hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+    head_dim = get_head_dim(hf_config)
+    q = hf_config.num_attention_heads * head_dim
+    kv = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * head_dim
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+
+
+@dataclass
+class LoRAState:
+    """What every LoRALinear reads in a step; the manager fills it before the forward."""
+
+    slots: LoRASlots
+    token_slots: torch.Tensor | None = None  # (max tokens,) int32 device buffer: each token's slot, -1: none
+    # Eager path: (slot, the step's token indices with that slot, or None when every token has it).
+    segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    device_slots: bool = False  # read token_slots (CUDA-graph capture) instead of segments
+
+
+class LoRALinear(nn.Module):
+    """``base(x)`` plus each token's adapter delta on the targets this layer fuses."""
+
+    def __init__(self, base: nn.Module, layer: int, targets: list[tuple[str, int, int]], state: LoRAState) -> None:
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.targets = targets  # (PEFT target, first output column, width)
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        st = self.state
+        if st.device_slots:
+            from pagedllm.lora.triton_punica import add_lora_triton
+
+            slots = st.token_slots[:x.shape[0]]
+            for name, offset, _ in self.targets:
+                key = (self.layer, name)
+                add_lora_triton(y, x, st.slots.a[key], st.slots.b[key], slots, offset)
+            return y
+        for slot, idx in st.segments:
+            xs = x if idx is None else x.index_select(0, idx)
+            for name, offset, width in self.targets:
+                key = (self.layer, name)
+                a, b = st.slots.a[key][slot], st.slots.b[key][slot]  # (rank, in), (out, rank)
+                delta = ((xs @ a.t()) @ b.t()).to(y.dtype)
+                if idx is None:
+                    y[:, offset:offset + width] += delta
+                else:
+                    y[:, offset:offset + width].index_add_(0, idx, delta)
+        return y
+
+
+def wrap_model(model: nn.Module, state: LoRAState) -> dict[tuple[int, str], tuple[int, int]]:
+    """Wrap every adaptable linear of ``model``'s decoder layers; returns each (layer, target)'s
+    (in, out) on this rank, the shapes of the slots' stacked weights."""
+    shapes: dict[tuple[int, str], tuple[int, int]] = {}
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for fused, names in FUSED_TARGETS.items():
+                base = getattr(parent, fused, None)
+                if base is None:
+                    continue
+                widths = _target_widths(base, fused)
+                targets, offset = [], 0
+                for name, width in zip(names, widths):
+                    targets.append((name, offset, width))
+                    shapes[(i, name)] = (base.input_size, width)
+                    offset += width
+                setattr(parent, fused, LoRALinear(base, i, targets, state))
+    return shapes
+
+
+def _target_widths(base: nn.Module, fused: str) -> list[int]:
+    if fused == "qkv_proj":
+        q, kv = base.num_heads * base.head_dim, base.num_kv_heads * base.head_dim
+        return [q, kv, kv]
+    if fused == "gate_up_proj":
+        return [size // base.tp_size for size in base.output_sizes]
+    return [base.output_size]
