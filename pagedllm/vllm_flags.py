@@ -8,7 +8,7 @@ spelling. So every common ``vllm serve`` flag parses here:
   and one info line says they changed nothing.
 - ``NOT_SUPPORTED``: features not built yet. Their neutral value (the one that asks
   for nothing, e.g. ``--kv-cache-dtype auto``, ``--data-parallel-size 1``) passes;
-  anything else stops start-up with one line: "--enable-lora is not supported yet".
+  anything else stops start-up with one line: "--prompt-adapters is not supported yet".
 
 Flags that other parts of pagedllm own (speculative decoding, tool calling,
 structured output, logprobs limits, API server count) are not listed here.
@@ -21,8 +21,7 @@ from typing import Any
 
 # flag -> (takes a value, neutral value). A flag without a value is neutral when absent.
 NOT_SUPPORTED: dict[str, tuple[bool, Any]] = {
-    "--enable-lora": (False, None), "--lora-modules": (True, None), "--max-loras": (True, None),
-    "--max-lora-rank": (True, None), "--prompt-adapters": (True, None),
+    "--prompt-adapters": (True, None),
     "--data-parallel-size": (True, "1"),
     "--cpu-offload-gb": (True, "0"),
     "--rope-scaling": (True, None), "--rope-theta": (True, None), "--hf-overrides": (True, None),

@@ -72,8 +72,13 @@ def test_version() -> None:
 
 
 def test_vllm_flags_parse_and_features_not_built_say_so() -> None:
-    proc = _cli("serve", "--enable-lora", "--lora-modules", "a=b", "--device", "cpu", timeout=60)
-    _one_error_line(proc, "pagedllm serve", "--enable-lora is not supported yet")
+    proc = _cli("serve", "--prompt-adapters", "a=b", "--device", "cpu", timeout=60)
+    _one_error_line(proc, "pagedllm serve", "--prompt-adapters is not supported yet")
+    # A LoRA adapter that cannot be served stops start-up before the model loads.
+    proc = _cli("serve", "--enable-lora", "--lora-modules", "a=/no/such/adapter", "--device", "cpu", timeout=60)
+    _one_error_line(proc, "pagedllm serve", "'/no/such/adapter' is not a directory")
+    proc = _cli("serve", "--lora-modules", "a=b", "--device", "cpu", timeout=60)
+    _one_error_line(proc, "pagedllm serve", "--lora-modules needs --enable-lora")
     proc = _cli("serve", "--cpu-offload-gb", "4", timeout=60)
     _one_error_line(proc, "pagedllm serve", "--cpu-offload-gb is not supported yet")
     # Neutral values and knobs with no effect pass the flag check (the config file below then stops start-up).

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from pagedllm.engine.core_client import EngineCoreProcess
     from pagedllm.engine.core_proc import CoreAddresses
     from pagedllm.engine.llm_engine import LLMEngine
+    from pagedllm.lora.request import LoRARequest
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineDrainingError", "EngineOverloadedError", "EngineStepError",
            "RecordListener", "RequestStream"]
@@ -180,9 +181,9 @@ class AsyncEngine:
 
     # ---- public API (event loop) ---------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Add a request and yield its cumulative outputs; closing the generator aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, priority)
+        stream = await self.add_request(request_id, prompt, params, priority, lora_request)
         try:
             async for output in stream:
                 yield output
@@ -190,7 +191,7 @@ class AsyncEngine:
             stream.abort()
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | BeamSearchParams,
-                          priority: int = 0) -> RequestStream:
+                          priority: int = 0, lora_request: LoRARequest | None = None) -> RequestStream:
         """Tokenize (off the event loop), add the request to the engine and return its stream.
 
         Raises ``ValueError`` for input the engine rejects, before any output exists. With
@@ -216,7 +217,7 @@ class AsyncEngine:
             self._check_admission()
             self._streams[request_id] = stream
             self._pending_adds[request_id] = accepted
-        self._loop.send(AddRequest(request_id, prompt_token_ids, params, priority, arrival_time))
+        self._loop.send(AddRequest(request_id, prompt_token_ids, params, priority, arrival_time, lora_request))
         try:
             await accepted
         except asyncio.CancelledError:

@@ -31,6 +31,7 @@ from pagedllm.core.outputs import SpecDecodingStats
 from pagedllm.engine import messages as m
 from pagedllm.engine.engine_loop import EngineDeadError, EngineStepError
 from pagedllm.engine.llm_engine import EngineStats
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
@@ -42,6 +43,12 @@ _STATS_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats))
 _ERRORS: dict[str, type[BaseException]] = {
     cls.__name__: cls for cls in (ValueError, TypeError, EngineDeadError, EngineStepError, RuntimeError)
 }
+
+
+def _lora_out(lora_request: LoRARequest | None) -> list | None:
+    if lora_request is None:
+        return None
+    return [lora_request.lora_name, lora_request.lora_int_id, lora_request.lora_path]
 
 
 def _pack(value: Any) -> bytes:
@@ -149,8 +156,9 @@ class EngineEncoder:
         wire = _unpack(data)
         kind = wire[0]
         if kind == ADD:
-            _, rid, prompt_ids, params, priority, arrival = wire
-            return m.AddRequest(rid, prompt_ids, _params_in(params), priority, arrival)
+            _, rid, prompt_ids, params, priority, arrival, lora = wire
+            lora_request = LoRARequest(*lora) if lora is not None else None
+            return m.AddRequest(rid, prompt_ids, _params_in(params), priority, arrival, lora_request)
         if kind == ABORT:
             return m.AbortRequest(wire[1])
         if kind == SHUTDOWN:
@@ -231,7 +239,7 @@ class ClientDecoder:
             case m.AddRequest():
                 self._requests[command.request_id] = _Request(list(command.prompt_token_ids))
                 return _pack([ADD, command.request_id, command.prompt_token_ids, _params_out(command.params),
-                              command.priority, command.arrival_time])
+                              command.priority, command.arrival_time, _lora_out(command.lora_request)])
             case m.AbortRequest():
                 return _pack([ABORT, command.request_ids])
             case m.Shutdown():

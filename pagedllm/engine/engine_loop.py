@@ -183,11 +183,13 @@ class EngineLoop:
             return
         try:
             if isinstance(command.params, BeamSearchParams):
+                if command.lora_request is not None:
+                    raise ValueError("beam search does not run with a LoRA adapter yet (use the base model)")
                 self.engine.add_beam_search_request(command.request_id, command.prompt_token_ids, command.params)
                 self._beam_prompts[command.request_id] = command.prompt_token_ids
             else:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                        priority=command.priority)
+                                        priority=command.priority, lora_request=command.lora_request)
         except Exception as e:  # ValueError is a 400; anything else goes to the caller too
             self._emit(AddResult(command.request_id, e))
             return

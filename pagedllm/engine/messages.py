@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams, SamplingParams
 
@@ -28,6 +29,7 @@ class AddRequest:
     params: SamplingParams | BeamSearchParams  # BeamSearchParams: the engine's beam search, one final output
     priority: int = 0
     arrival_time: float = 0.0  # time.monotonic() when the front end received it, for latency metrics
+    lora_request: LoRARequest | None = None  # the adapter it runs with; None: the base model
 
 
 @dataclass

@@ -32,8 +32,10 @@ class LoRAAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def _read_config(path: str, max_rank: int) -> tuple[int, float, set[str]]:
+def read_adapter_config(path: str, max_rank: int) -> tuple[int, float, set[str]]:
     """Validate `adapter_config.json`; returns (rank, scaling, target modules)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"lora_path: {path!r} is not a directory")
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"lora_path: no adapter_config.json in {path!r}")
@@ -65,9 +67,7 @@ def load_peft_adapter(path: str, max_rank: int) -> LoRAAdapter:
     """Read a PEFT adapter directory into a `LoRAAdapter`; ValueError on anything we cannot serve."""
     from safetensors.torch import load_file
 
-    if not os.path.isdir(path):
-        raise ValueError(f"lora_path: {path!r} is not a directory")
-    rank, scaling, _ = _read_config(path, max_rank)
+    rank, scaling, _ = read_adapter_config(path, max_rank)
     st_path = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(st_path):
         raise ValueError(f"lora_path: no adapter_model.safetensors in {path!r}")

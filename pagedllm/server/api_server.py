@@ -24,22 +24,25 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_engine import AsyncEngine
 from pagedllm.server.lifecycle import LifecycleConfig, PagedServer, ServeProcesses, health_problem
+from pagedllm.server.lora_modules import LoRAModulePath, LoRAModules, parse_lora_module, runtime_updates_allowed
 from pagedllm.server.metrics import ServerMetrics
 from pagedllm.server.openapi import install_openapi
 from pagedllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
 )
 from pagedllm.server.serving_chat import ChatOptions, OpenAIServingChat
 from pagedllm.server.serving_completion import OpenAIServingCompletion
@@ -231,16 +234,17 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
               api_key: str | None = None, lifecycle: LifecycleConfig | None = None,
               limits: ServingLimits | None = None,
               max_request_body_bytes: int | None = DEFAULT_MAX_REQUEST_BODY_BYTES,
-              chat_options: ChatOptions | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``; each app has its own metrics registry."""
+              chat_options: ChatOptions | None = None, loras: LoRAModules | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``; each app has its own metrics registry. ``loras``: the LoRA
+    adapters served by name (``--enable-lora``; None: LoRA off)."""
     lifecycle = lifecycle or LifecycleConfig()
     if served_model_name is None:
         served_model_name = engine.model_config.model or DEFAULT_SERVED_MODEL_NAME
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     limits = limits or ServingLimits()
-    completion = OpenAIServingCompletion(engine, names, limits)
-    chat = OpenAIServingChat(engine, names, limits, chat_options)
-    tokenization = OpenAIServingTokenization(engine, names, limits)
+    completion = OpenAIServingCompletion(engine, names, limits, loras)
+    chat = OpenAIServingChat(engine, names, limits, chat_options, loras)
+    tokenization = OpenAIServingTokenization(engine, names, limits, loras)
     metrics = ServerMetrics(engine, names[0])
 
     app = _new_app(engine, metrics, api_key, max_request_body_bytes)
@@ -263,13 +267,23 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         return Response(body, media_type=content_type)
 
     def model_card(name: str) -> ModelCard:
+        adapter = loras.get(name) if loras is not None else None
+        if adapter is not None:  # vLLM's card of an adapter: its path as root, the base model as parent
+            return ModelCard(id=name, root=adapter.lora_path, parent=names[0],
+                             max_model_len=engine.model_config.max_model_len)
         return ModelCard(id=name, root=engine.model_config.model, max_model_len=engine.model_config.max_model_len)
+
+    def model_names() -> list[str]:
+        return names + ([a.lora_name for a in loras] if loras is not None else [])
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return ModelList(data=[model_card(name) for name in names]).model_dump()
+        return ModelList(data=[model_card(name) for name in model_names()]).model_dump()
 
-    _add_extra_routes(app, names, model_card, tokenization, health)
+    if loras is not None and loras.enabled and runtime_updates_allowed():
+        _add_lora_routes(app, loras)
+
+    _add_extra_routes(app, model_names, model_card, tokenization, health)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw: Request) -> Response:
@@ -298,13 +312,34 @@ def _new_app(engine: AsyncEngine, metrics: ServerMetrics, api_key: str | None,
     return app
 
 
-def _add_extra_routes(app: FastAPI, names: list[str], model_card: Callable[[str], ModelCard],
+def _add_lora_routes(app: FastAPI, loras: LoRAModules) -> None:
+    """vLLM's runtime adapter routes (on with VLLM_ALLOW_RUNTIME_LORA_UPDATING; see server/lora_modules.py)."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest) -> Response:
+        try:
+            await loras.add_async(request.lora_name, request.lora_path)
+        except ValueError as e:
+            raise OpenAIError(str(e), 400, "invalid_request_error", "lora_path", "invalid_lora_adapter") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapterRequest) -> Response:
+        try:
+            loras.remove(request.lora_name)
+        except KeyError:
+            raise OpenAIError(f"The lora adapter '{request.lora_name}' cannot be found.", 404,
+                              "invalid_request_error", "lora_name", "lora_adapter_not_found") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
+
+
+def _add_extra_routes(app: FastAPI, names: Callable[[], list[str]], model_card: Callable[[str], ModelCard],
                       tokenization: OpenAIServingTokenization, health: Callable[[], Awaitable[Response]]) -> None:
     """The vLLM routes beside the OpenAI ones: one model's card, /tokenize, /detokenize, /ping, embeddings."""
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id not in names:
+        if model_id not in names():
             raise OpenAIError(f"The model `{model_id}` does not exist.", 404, "invalid_request_error", "model",
                               "model_not_found")
         return model_card(model_id).model_dump()
@@ -369,6 +404,9 @@ def make_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-logprobs", type=_logprobs_bound, default=ServingLimits().max_logprobs,
                         help="largest logprobs / top_logprobs / prompt_logprobs a request may ask for (0-20)")
     # --- end tools and request fields ---
+    parser.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=None,
+                        help='LoRA adapters served by name (with --enable-lora): name=path or '
+                             '\'{"name": ..., "path": ...}\'; a request\'s "model" picks one')
     _add_process_args(parser)
     add_vllm_compat_args(parser)
     return parser
@@ -522,6 +560,31 @@ def _serve_processes(argv: list[str], args: argparse.Namespace, engine_args: Eng
 # --- end engine core process ---
 
 
+def _precheck_lora_modules(engine_args: EngineArgs, modules: list[LoRAModulePath] | None) -> None:
+    """Before the model loads: --lora-modules needs --enable-lora, and each adapter's config must be servable."""
+    lora_config = engine_args.lora_config()
+    if modules and lora_config is None:
+        raise ValueError("--lora-modules needs --enable-lora")
+    from pagedllm.lora.adapter import read_adapter_config
+
+    for module in modules or []:
+        read_adapter_config(module.path, lora_config.max_lora_rank)
+
+
+def _lora_modules(engine_args: EngineArgs, engine: AsyncEngine, name: str | list[str],
+                  modules: list[LoRAModulePath] | None) -> LoRAModules | None:
+    """The adapters of ``--lora-modules``, checked now (None with LoRA off)."""
+    lora_config = engine_args.lora_config()
+    if lora_config is None:
+        if modules:
+            raise ValueError("--lora-modules needs --enable-lora")
+        return None
+    loras = LoRAModules(lora_config, engine.model_config.hf_config, [name] if isinstance(name, str) else list(name))
+    for module in modules or []:
+        loras.add(module.name, module.path)
+    return loras
+
+
 def _limits_from_args(args: argparse.Namespace) -> ServingLimits:
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise SystemExit("--request-timeout must be > 0")
@@ -565,13 +628,19 @@ def main(argv: list[str] | None = None) -> None:
         engine_args.disable_log_stats = args.disable_log_stats
         limits = _limits_from_args(args)
         options = chat_options(args)
+        _precheck_lora_modules(engine_args, args.lora_modules)
         processes = _serve_processes(argv, args, engine_args)
         engine = processes.start_engine(args.max_waiting_requests)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - start-up errors become one line
         exit_on_error("pagedllm serve", e, debug)
     name = engine_args.served_model_name or engine_args.model or DEFAULT_SERVED_MODEL_NAME
     lifecycle = lifecycle_config(args)
-    app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes, options)
+    try:
+        loras = _lora_modules(engine_args, engine, name, args.lora_modules)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a bad adapter is a start-up error too
+        engine.shutdown()
+        exit_on_error("pagedllm serve", e, debug)
+    app = build_app(engine, name, args.api_key, lifecycle, limits, args.max_request_body_bytes, options, loras)
     add_cors(app, args)
     scheme = "https" if args.ssl_certfile else "http"
     logger.info("serving %s on %s://%s:%d%s", name, scheme, args.host, args.port, args.root_path or "")

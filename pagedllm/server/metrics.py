@@ -18,6 +18,7 @@ Every app gets its own ``CollectorRegistry``, so tests can build several.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -86,6 +87,20 @@ class _EngineStatsCollector(Collector):
             family.add_metric([self.model_name], float(getattr(stats, attr, 0) or 0))
             yield family
         yield from self._spec_decoding(getattr(stats, "spec_decoding", None))
+        yield from self._lora(stats)
+
+    @staticmethod
+    def _lora(stats) -> Iterator[Metric]:  # noqa: ANN001 - EngineStats
+        """vLLM's ``lora_requests_info``: the adapters running and waiting as labels (comma-separated),
+        the time as the value; nothing with LoRA off."""
+        max_lora = getattr(stats, "max_lora", 0)
+        if not max_lora:
+            return
+        family = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                   labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"])
+        family.add_metric([",".join(stats.running_lora_adapters), str(max_lora),
+                           ",".join(stats.waiting_lora_adapters)], time.time())
+        yield family
 
     # --- speculative decoding ---
     SPEC_COUNTERS = (

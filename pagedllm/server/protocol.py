@@ -107,6 +107,7 @@ class ModelCard(ResponseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "pagedllm"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
     max_model_len: int | None = None
 
 
@@ -468,6 +469,17 @@ class ChatCompletionChunk(ResponseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = _omit_none()
+
+
+# ---- /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM) -----------------------------
+class LoadLoRAAdapterRequest(RequestModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    lora_name: str
+    lora_int_id: int | None = None  # accepted as vLLM takes it; the name decides
 
 
 # ---- /tokenize, /detokenize, /v1/embeddings (vLLM) ------------------------------------

@@ -78,8 +78,8 @@ def _echo_text(request: ChatCompletionRequest) -> str:
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: Any, served_model_names: list[str], limits: ServingLimits | None = None,
-                 options: ChatOptions | None = None) -> None:
-        super().__init__(engine, served_model_names, limits)
+                 options: ChatOptions | None = None, loras: Any = None) -> None:
+        super().__init__(engine, served_model_names, limits, loras)
         self.options = options or ChatOptions()
         self.tool_parser = get_tool_parser(self.options.tool_call_parser) if self.options.tool_call_parser else None
 
@@ -110,7 +110,7 @@ class OpenAIServingChat(OpenAIServing):
                                       "response_format or structured_outputs", "tool_choice")
                 params.structured_outputs = structured
         request_id = f"chatcmpl-{request.request_id}" if request.request_id else random_id("chatcmpl")
-        streams = await self.add_requests(request_id, [prompt_ids], [params], request.priority)
+        streams = await self.add_requests(request_id, [prompt_ids], [params], request.priority, request.model)
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
             return SSEStream(self._stream(request, len(prompt_ids), merge_streams(streams), header, tools),

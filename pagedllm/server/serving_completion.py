@@ -55,7 +55,8 @@ class OpenAIServingCompletion(OpenAIServing):
         params = [build(self.resolve_max_tokens(len(p.token_ids), request.max_tokens)) for p in prompts]
         params = [with_constraints(request, p) for p in params]  # constraints (a 400 with beam search)
         request_id = f"cmpl-{request.request_id}" if request.request_id else random_id("cmpl")
-        streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority)
+        streams = await self.add_requests(request_id, [p.token_ids for p in prompts], params, request.priority,
+                                          request.model)
         header = dict(id=request_id, created=int(time.time()), model=model_name)
         if request.stream:
             return SSEStream(self._stream(request, prompts, merge_streams(streams), header), streams,

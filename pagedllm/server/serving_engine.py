@@ -21,8 +21,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from pagedllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from pagedllm.lora.request import LoRARequest
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.server.lora_modules import LoRAModules
 from pagedllm.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -116,9 +118,10 @@ def clamp_logprob(value: float | None) -> float:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_names: list[str],
-                 limits: ServingLimits | None = None) -> None:
+                 limits: ServingLimits | None = None, loras: LoRAModules | None = None) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
+        self.loras = loras  # LoRA adapters served by name (None: LoRA off)
         self.tokenizer = engine.tokenizer
         self.limits = limits or ServingLimits()
         self._max_token_chars: int | None = None
@@ -188,6 +191,8 @@ class OpenAIServing:
         """The name to report for the requested ``model`` (None means the served model); 404 if unknown."""
         if model is None or model in self.served_model_names:
             return self.served_model_names[0] if model is None else model
+        if self.lora_for(model) is not None:
+            return model
         raise OpenAIError(f"The model `{model}` does not exist.", 404, "invalid_request_error", "model",
                           "model_not_found")
 
@@ -209,13 +214,20 @@ class OpenAIServing:
                               "max_tokens")
         return requested
 
+    def lora_for(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names; None for the base model."""
+        return self.loras.get(model) if self.loras is not None else None
+
     async def add_requests(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-                           priority: int) -> list[RequestStream]:
-        """Add one engine request per prompt; if any is rejected, abort those already added and raise."""
+                           priority: int, model: str | None = None) -> list[RequestStream]:
+        """Add one engine request per prompt (with the adapter ``model`` names, if it names one);
+        if any is rejected, abort those already added and raise."""
         streams: list[RequestStream] = []
+        lora_request = self.lora_for(model)
         try:
             for i, (prompt_ids, sp) in enumerate(zip(prompts, params, strict=True)):
-                streams.append(await self.engine.add_request(f"{request_id}-{i}", prompt_ids, sp, priority))
+                streams.append(await self.engine.add_request(f"{request_id}-{i}", prompt_ids, sp, priority,
+                                                             lora_request))
         except BaseException:
             for stream in streams:
                 stream.abort()

@@ -79,8 +79,10 @@ class ToyEngine:
         return self.tokenizer.encode(text)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0, lora_request: object = None) -> None:
         self.thread_ids.add(threading.get_ident())
+        if lora_request is not None:
+            raise ValueError("the toy engine runs no LoRA adapters")
         if request_id in self.fail_add_ids:
             raise RuntimeError(f"toy engine cannot add {request_id}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
