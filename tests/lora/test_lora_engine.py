@@ -50,7 +50,7 @@ def _mixed(paths: dict[str, str]):
     """Every prompt under every adapter and the base model, interleaved: (prompt, adapter name, request)."""
     ids = {name: i + 1 for i, name in enumerate(paths)}
     cases = []
-    for p, prompt in enumerate(PROMPTS):
+    for p in range(len(PROMPTS)):
         for name in [None, *paths]:
             request = LoRARequest(name, ids[name], paths[name]) if name else None
             cases.append((p, name, request))
