@@ -1,70 +1,102 @@
-"""Kernel-level cost of batched LoRA on one GPU (Llama-3-8B shapes, rank-16, dummy weights).
+"""Multi-LoRA serving speed on one GPU: mix256 with 1, 8 and 32 distinct adapters against the base model.
 
-    PYTHONPATH=. python3 benchmarks/bench_lora.py [--tokens 256] [--output-len N]
+    PYTHONPATH=. python3 benchmarks/bench_lora.py [--model benchmarks/configs/llama-3-8b] [--rank 16]
 
-For each Llama-3-8B projection (merged QKV, o, merged gate/up, down) times the base GEMM
-alone and base GEMM + `add_lora_triton` with 1, 8 and 32 distinct adapters spread over the
-batch, and batch-1 decode (one adapter) vs base. `--output-len` repeats the per-layer step
-that many times (32 layers) to report an estimated decode-step overhead. Engine-level
-serving with adapters is not wired yet, so this measures the kernel only.
+Llama-3-8B shape, dummy bf16 weights, rank-16 random adapters on all seven projections
+(``pagedllm.lora.dummy``), greedy with ignore_eos. In one run: the base model in an engine
+without LoRA, then an engine with ``--enable-lora --max-loras 32`` running mix256 with no
+adapter, 1, 8 and 32 adapters (requests spread round-robin), and batch-1 decode (TPOT) with
+and without an adapter. Prints one table and a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import tempfile
+import time
 
 import torch
 
-from pagedllm.lora.triton_punica import add_lora_triton
-
-HID, INTER, LAYERS, RANK = 4096, 14336, 32, 16
-PROJ = {"qkv": (HID, 6144), "o": (HID, HID), "gate_up": (HID, 2 * INTER), "down": (INTER, HID)}
-
-
-def _time(fn, iters: int = 50) -> float:
-    """Mean ms of fn over iters after warm-up, with CUDA events."""
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+from pagedllm import LLM, LoRARequest, SamplingParams
+from pagedllm.bench.datasets import mix256_prompts
+from pagedllm.lora.dummy import write_random_adapter
 
 
-def _proj_ms(tokens: int, d_in: int, d_out: int, num_adapters: int | None) -> float:
-    """ms for one projection GEMM (+ LoRA over `num_adapters` slots; None = base only)."""
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(tokens, d_in, device=dev, dtype=dt)
-    w = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in ** 0.5
-    if num_adapters is None:
-        return _time(lambda: x @ w.t())
-    a = torch.randn(num_adapters, RANK, d_in, device=dev, dtype=dt) / d_in ** 0.5
-    b = torch.randn(num_adapters, d_out, RANK, device=dev, dtype=dt) * 0.01
-    slots = (torch.arange(tokens, device=dev) % num_adapters).to(torch.int32)
-    return _time(lambda: add_lora_triton(x @ w.t(), x, a, b, slots))
+def _mix256(llm: LLM, prompts: list[list[int]], output_len: int, loras: list[LoRARequest | None]) -> float:
+    """Output tok/s of all prompts at once, adapter i % len(loras) on prompt i."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    reqs = [loras[i % len(loras)] for i in range(len(prompts))]
+    llm.generate(prompts[:4], SamplingParams(max_tokens=2), use_tqdm=False, lora_request=reqs[:4])  # warm-up
+    llm.engine.scheduler.kv_cache_manager.reset_prefix_cache()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=reqs)
+    elapsed = time.perf_counter() - t0
+    return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed
 
 
-def _layer_ms(tokens: int, num_adapters: int | None) -> float:
-    """ms for one layer's four projections."""
-    return sum(_proj_ms(tokens, d_in, d_out, num_adapters) for d_in, d_out in PROJ.values())
+def _tpot_ms(llm: LLM, prompt: list[int], lora: LoRARequest | None, output_len: int = 128) -> float:
+    """Batch-1 decode: ms per output token after the first (median of 3)."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    times = []
+    for it in range(4):
+        engine.add_request(f"b1-{it}-{time.monotonic()}", prompt, params, lora_request=lora)
+        engine.step()  # the prefill and first token
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append((time.perf_counter() - t0) / (output_len - 1) * 1e3)
+    return sorted(times[1:])[1]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=1)
+    p.add_argument("--model", default="benchmarks/configs/llama-3-8b")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--adapters", default="1,8,32")
+    p.add_argument("--adapter-dir", default=None, help="where the random adapters go (default: a temp dir)")
     args = p.parse_args()
-    rows = [("base", args.tokens, None), ("1 adapter", args.tokens, 1), ("8 adapters", args.tokens, 8),
-            ("32 adapters", args.tokens, 32), ("b1 base", 1, None), ("b1 adapter", 1, 1)]
-    base = {}
-    print(f"{'case':<12}{'tokens':>8}{'layer ms':>10}{'x base':>8}{'est. ms/' + str(args.output_len) + ' steps':>18}")
-    for name, tokens, n in rows:
-        ms = _layer_ms(tokens, n)
-        base.setdefault(tokens, ms)
-        print(f"{name:<12}{tokens:>8}{ms:>10.3f}{ms / base[tokens]:>8.2f}{ms * LAYERS * args.output_len:>18.2f}")
+    counts = [int(c) for c in args.adapters.split(",")]
+    common = dict(model=args.model, load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True)
+
+    llm = LLM(**common)
+    vocab = llm.engine.model_config.hf_config.vocab_size
+    prompts = mix256_prompts(vocab, num=args.num_prompts)
+    results = {"base_engine": {"mix256": _mix256(llm, prompts, args.output_len, [None]),
+                               "tpot_ms": _tpot_ms(llm, prompts[0][:128], None)}}
+    hf_config = llm.engine.model_config.hf_config
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    root = args.adapter_dir or tempfile.mkdtemp(prefix="pagedllm-lora-")
+    t0 = time.perf_counter()
+    loras = [LoRARequest(f"a{i}", i + 1, write_random_adapter(os.path.join(root, f"a{i}"), hf_config, args.rank,
+                                                              seed=i))
+             for i in range(max(counts))]
+    print(f"wrote {len(loras)} adapters in {time.perf_counter() - t0:.1f} s")
+    llm = LLM(**common, enable_lora=True, max_loras=max(counts), max_lora_rank=args.rank)
+    lora_runs = {"no adapter": _mix256(llm, prompts, args.output_len, [None])}
+    for n in counts:
+        lora_runs[f"{n} adapters"] = _mix256(llm, prompts, args.output_len, loras[:n])
+    results["lora_engine"] = {"mix256": lora_runs, "tpot_ms": _tpot_ms(llm, prompts[0][:128], None),
+                              "tpot_ms_adapter": _tpot_ms(llm, prompts[0][:128], loras[0])}
+    base, base_tpot = results["base_engine"]["mix256"], results["base_engine"]["tpot_ms"]
+    print(f"{'mix256 (output tok/s)':<28}{'tok/s':>10}{'x base':>8}")
+    print(f"{'base engine (no LoRA)':<28}{base:>10.0f}{1.0:>8.2f}")
+    for name, tps in lora_runs.items():
+        print(f"{'LoRA engine, ' + name:<28}{tps:>10.0f}{tps / base:>8.2f}")
+    print(f"{'batch-1 TPOT (ms)':<28}{'ms':>10}{'x base':>8}")
+    for name, ms in (("base engine", base_tpot), ("LoRA engine, no adapter", results["lora_engine"]["tpot_ms"]),
+                     ("LoRA engine, 1 adapter", results["lora_engine"]["tpot_ms_adapter"])):
+        print(f"{name:<28}{ms:>10.2f}{ms / base_tpot:>8.2f}")
+    print(json.dumps({"device": torch.cuda.get_device_name(), "rank": args.rank, **results}))
 
 
 if __name__ == "__main__":

@@ -168,8 +168,9 @@ class LLMEngine:
             raise
 
     def check_lora(self, lora_request: LoRARequest | None) -> None:
-        """ValueError unless ``lora_request`` names an adapter this engine can run (read and checked
-        against the model once per adapter id; the worker reads it again when it first runs it)."""
+        """ValueError unless ``lora_request`` names an adapter this engine can run (its config and the
+        shapes in its file header checked against the model, once per adapter id; the worker loads the
+        weights when it first runs it)."""
         if lora_request is None:
             return
         from pagedllm.lora.request import LoRARequest
@@ -184,12 +185,12 @@ class LLMEngine:
             return
         if known is not None:
             raise ValueError(f"lora_int_id {lora_request.lora_int_id} already names the adapter at {known!r}")
-        from pagedllm.lora.adapter import check_adapter, load_peft_adapter
+        from pagedllm.lora.adapter import adapter_shapes, check_adapter
         from pagedllm.lora.layers import target_shapes
 
         hf_config = self.model_config.hf_config
-        adapter = load_peft_adapter(lora_request.lora_path, lora_config.max_lora_rank)
-        check_adapter(adapter, target_shapes(hf_config), hf_config.num_hidden_layers, lora_request.lora_path)
+        shapes = adapter_shapes(lora_request.lora_path, lora_config.max_lora_rank)
+        check_adapter(shapes, target_shapes(hf_config), hf_config.num_hidden_layers, lora_request.lora_path)
         self._lora_paths[lora_request.lora_int_id] = lora_request.lora_path
 
     @property

@@ -63,39 +63,64 @@ def read_adapter_config(path: str, max_rank: int) -> tuple[int, float, set[str]]
     return rank, scaling, targets
 
 
-def load_peft_adapter(path: str, max_rank: int) -> LoRAAdapter:
-    """Read a PEFT adapter directory into a `LoRAAdapter`; ValueError on anything we cannot serve."""
-    from safetensors.torch import load_file
-
+def _tensor_keys(path: str, max_rank: int) -> tuple[int, float, str, dict[tuple[int, str], dict[str, str]]]:
+    """(rank, scaling, safetensors file, {(layer, target): {"A": key, "B": key}}), checked for completeness."""
     rank, scaling, _ = read_adapter_config(path, max_rank)
     st_path = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(st_path):
         raise ValueError(f"lora_path: no adapter_model.safetensors in {path!r}")
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(st_path).items():
-        m = _KEY_RE.search(key)
-        if m is None or m.group(2) not in SUPPORTED_TARGETS:
-            raise ValueError(f"adapter tensor {key!r} is not a supported LoRA weight")
-        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor.float()
-    adapter = LoRAAdapter(rank=rank, scaling=scaling)
-    for slot, ab in sorted(halves.items()):
+    from safetensors import safe_open
+
+    halves: dict[tuple[int, str], dict[str, str]] = {}
+    with safe_open(st_path, framework="pt") as f:
+        for key in f.keys():
+            m = _KEY_RE.search(key)
+            if m is None or m.group(2) not in SUPPORTED_TARGETS:
+                raise ValueError(f"adapter tensor {key!r} is not a supported LoRA weight")
+            halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = key
+    for slot, ab in halves.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"adapter {path!r}: layer {slot} lacks lora_A or lora_B")
-        a, b = ab["A"], ab["B"]
-        if a.shape[0] != rank or b.shape[1] != rank:
-            shapes = f"{tuple(a.shape)}/{tuple(b.shape)}"
-            raise ValueError(f"adapter {path!r}: {slot} shapes {shapes} disagree with r={rank}")
-        adapter.weights[slot] = (a.contiguous(), (b * scaling).contiguous())
+    return rank, scaling, st_path, halves
+
+
+def adapter_shapes(path: str, max_rank: int) -> dict[tuple[int, str], tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each (layer, target)'s (A shape, B shape), read from the file's header only (no weights loaded)."""
+    from safetensors import safe_open
+
+    rank, _, st_path, halves = _tensor_keys(path, max_rank)
+    shapes = {}
+    with safe_open(st_path, framework="pt") as f:
+        for slot, ab in halves.items():
+            a, b = (tuple(f.get_slice(ab[h]).get_shape()) for h in ("A", "B"))
+            if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+                raise ValueError(f"adapter {path!r}: {slot} shapes {a}/{b} disagree with r={rank}")
+            shapes[slot] = (a, b)
+    return shapes
+
+
+def load_peft_adapter(path: str, max_rank: int) -> LoRAAdapter:
+    """Read a PEFT adapter directory into a `LoRAAdapter`; ValueError on anything we cannot serve."""
+    from safetensors import safe_open
+
+    shapes = adapter_shapes(path, max_rank)
+    rank, scaling, st_path, halves = _tensor_keys(path, max_rank)
+    adapter = LoRAAdapter(rank=rank, scaling=scaling)
+    with safe_open(st_path, framework="pt") as f:
+        for slot in sorted(shapes):
+            a, b = (f.get_tensor(halves[slot][h]).float() for h in ("A", "B"))
+            adapter.weights[slot] = (a.contiguous(), (b * scaling).contiguous())
     return adapter
 
 
-def check_adapter(adapter: LoRAAdapter, shapes: dict[str, tuple[int, int]], num_layers: int, path: str) -> None:
-    """ValueError unless every weight of ``adapter`` fits the model: ``shapes`` are each target's
-    (in, out) (``layers.target_shapes``) and layers run ``0 .. num_layers - 1``."""
-    for (layer, target), (a, b) in adapter.weights.items():
+def check_adapter(shapes: dict[tuple[int, str], tuple[tuple[int, ...], tuple[int, ...]]],
+                  model_shapes: dict[str, tuple[int, int]], num_layers: int, path: str) -> None:
+    """ValueError unless every weight (``adapter_shapes``) fits the model: ``model_shapes`` are each
+    target's (in, out) (``layers.target_shapes``) and layers run ``0 .. num_layers - 1``."""
+    for (layer, target), (a, b) in shapes.items():
         if not 0 <= layer < num_layers:
             raise ValueError(f"adapter {path!r}: layer {layer} is outside the model's {num_layers} layers")
-        want_in, want_out = shapes[target]
-        if a.shape[1] != want_in or b.shape[0] != want_out:
-            raise ValueError(f"adapter {path!r}: {target} of layer {layer} is {b.shape[0]}x{a.shape[1]}, "
+        want_in, want_out = model_shapes[target]
+        if a[1] != want_in or b[0] != want_out:
+            raise ValueError(f"adapter {path!r}: {target} of layer {layer} is {b[0]}x{a[1]}, "
                              f"the model's is {want_out}x{want_in} (an adapter for another model?)")

@@ -9,11 +9,10 @@ After the weights load, the runner wraps each adaptable linear of every decoder 
 so each target's delta goes to its column range. Two ways to compute the deltas, both
 reading the stacked per-slot weights of ``LoRASlots``:
 
-    eager     per step, the tokens of each active slot (``LoRAState.segments``, built once per
-              step by the manager): y[tokens, cols] += (x[tokens] @ A.T) @ B.T, one matmul pair
-              per adapter (Punica's SGMV on the CPU and for GPU prefills)
-    graphs    each token's slot read from the device buffer ``token_slots`` (the Triton BGMV
-              kernel, lora/triton_punica.py): what a captured CUDA graph replays
+    CPU   per step, the tokens of each active slot (``LoRAState.segments``, built once per step
+          by the manager): y[tokens, cols] += (x[tokens] @ A.T) @ B.T, a matmul pair per adapter
+    GPU   the Triton SGMV kernel (lora/triton_punica.py) over the step's plan (tokens grouped by
+          slot) in the persistent input buffers: the same launches eager and in a CUDA graph
 
 With tensor parallelism the deltas would have to be split like the base weights; pagedllm
 runs one rank today, where the all-reduce of a row-parallel layer is the identity.
@@ -55,10 +54,13 @@ class LoRAState:
     """What every LoRALinear reads in a step; the manager fills it before the forward."""
 
     slots: LoRASlots
-    token_slots: torch.Tensor | None = None  # (max tokens,) int32 device buffer: each token's slot, -1: none
-    # Eager path: (slot, the step's token indices with that slot, or None when every token has it).
+    max_loras: int
+    active: bool = False  # some token of this step has an adapter (always, while CUDA graphs are captured)
+    # GPU: the SGMV plan's device buffers (fixed addresses): perm (max tokens,) and blocks (3, capacity).
+    perm: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    # CPU: (slot, the step's token indices with that slot, or None when every token has it).
     segments: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
-    device_slots: bool = False  # read token_slots (CUDA-graph capture) instead of segments
 
 
 class LoRALinear(nn.Module):
@@ -74,13 +76,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         st = self.state
-        if st.device_slots:
-            from pagedllm.lora.triton_punica import add_lora_triton
+        if not st.active:
+            return y
+        if st.perm is not None:
+            from pagedllm.lora.triton_punica import add_lora_sgmv, num_plan_blocks
 
-            slots = st.token_slots[:x.shape[0]]
+            num_blocks = num_plan_blocks(x.shape[0], st.max_loras)
             for name, offset, _ in self.targets:
                 key = (self.layer, name)
-                add_lora_triton(y, x, st.slots.a[key], st.slots.b[key], slots, offset)
+                add_lora_sgmv(y, x, st.slots.a[key], st.slots.b[key], st.perm, st.blocks, num_blocks, offset)
             return y
         for slot, idx in st.segments:
             xs = x if idx is None else x.index_select(0, idx)

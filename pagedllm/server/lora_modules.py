@@ -86,11 +86,11 @@ class LoRAModules:
             raise ValueError("lora_name and lora_path must be non-empty")
         if name in self._by_name or name in self.base_names:
             raise ValueError(f"The lora adapter '{name}' has already been loaded.")
-        from pagedllm.lora.adapter import check_adapter, load_peft_adapter
+        from pagedllm.lora.adapter import adapter_shapes, check_adapter
         from pagedllm.lora.layers import target_shapes
 
-        adapter = load_peft_adapter(path, self.lora_config.max_lora_rank)
-        check_adapter(adapter, target_shapes(self.hf_config), self.hf_config.num_hidden_layers, path)
+        shapes = adapter_shapes(path, self.lora_config.max_lora_rank)
+        check_adapter(shapes, target_shapes(self.hf_config), self.hf_config.num_hidden_layers, path)
         request = LoRARequest(name, lora_int_id(name, path), path)
         self._by_name[name] = request
         return request

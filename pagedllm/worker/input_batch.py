@@ -74,8 +74,9 @@ class FlatBatch:
     # Async scheduling: (flat token indices, input ids on the device) that replace input_ids there,
     # the tokens the previous step sampled and the host has not read yet (worker/async_output.py).
     input_id_patch: tuple[torch.Tensor, torch.Tensor] | None = None
-    # LoRA: each token's adapter slot (-1: the base model); None when LoRA is off (pagedllm/lora).
-    lora_slots: np.ndarray | None = None
+    # LoRA on a GPU: the SGMV plan (token permutation, blocks) of the step's adapter tokens
+    # (lora/triton_punica.py); None when no token has an adapter.
+    lora_plan: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_tokens(self) -> int:

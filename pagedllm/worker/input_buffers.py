@@ -6,9 +6,10 @@ per dtype (the used prefix) whatever the number of fields. ``InputBuffers`` name
 the fields the model and the attention backend read:
 
     int64: input_ids (T) · positions (T) · slot_mapping (T) · logits_indices (T)
-    int32: [lora_slots (T)] · seq_lens (S) · query_start_loc (S + 1) · block_tables (S x max_num_blocks)
+    int32: [lora_perm (T) · lora_blocks (3 x B)] · seq_lens (S) · query_start_loc (S + 1)
+           · block_tables (S x max_num_blocks)
 
-(lora_slots, each token's adapter slot, only with LoRA on: pagedllm/lora.)
+(lora_*: the LoRA SGMV plan, only with LoRA on a GPU: lora/triton_punica.py.)
 
 T = max tokens per step, S = max sequences per step. Every field keeps a fixed
 device address, so the views a CUDA graph captured stay valid for every later step.
@@ -75,20 +76,21 @@ class InputBuffers:
     """Persistent device tensors for one step's inputs, filled from pinned host memory."""
 
     def __init__(self, max_num_tokens: int, max_num_seqs: int, max_num_blocks: int, device: torch.device,
-                 lora: bool = False) -> None:
+                 lora_plan_blocks: int = 0) -> None:
         self.max_num_tokens, self.max_num_seqs, self.max_num_blocks = max_num_tokens, max_num_seqs, max_num_blocks
         self.device = device
         t, s, i64, i32 = max_num_tokens, max_num_seqs, torch.int64, torch.int32
         # Order within a dtype matters: each step copies the prefix through the last field written.
-        self.lora = lora
+        self.lora_plan_blocks = lora_plan_blocks
+        lora = [("lora_perm", i32, t), ("lora_blocks", i32, 3 * lora_plan_blocks)] if lora_plan_blocks else []
         self.staging = StagingBuffers([
             ("input_ids", i64, t), ("positions", i64, t), ("slot_mapping", i64, t), ("logits_indices", i64, t),
-            *([("lora_slots", i32, t)] if lora else []),
+            *lora,
             ("seq_lens", i32, s), ("query_start_loc", i32, s + 1), ("block_tables", i32, s * max_num_blocks),
         ], device)
         self.staging.host("slot_mapping")[:] = -1  # padding tokens write nowhere
-        if lora:
-            self.staging.host("lora_slots")[:] = -1  # and take no adapter
+        if lora_plan_blocks:
+            self.staging.host("lora_blocks")[:] = -1  # no adapter blocks
         # Recorded after each step's copies: the host waits on it before overwriting the staging.
         self._copied = torch.cuda.Event() if self.staging.on_gpu else None
 
@@ -121,10 +123,12 @@ class InputBuffers:
         qsl[:n_seq + 1] = batch.query_start_loc
         block_tables = host("block_tables")[:rows * width].reshape(rows, width)
         block_tables[:n_seq, :batch.block_tables.shape[1]] = batch.block_tables
-        if self.lora:
-            lora_slots = host("lora_slots")
-            lora_slots[:n_tok] = -1 if batch.lora_slots is None else batch.lora_slots
-            lora_slots[n_tok:n_pad_tok] = -1
+        if self.lora_plan_blocks:
+            if batch.lora_plan is None:
+                host("lora_blocks")[:] = -1
+            else:
+                host("lora_perm")[:n_tok] = batch.lora_plan[0]
+                host("lora_blocks")[:] = batch.lora_plan[1].reshape(-1)
         if pad_to:
             input_ids[n_tok:n_pad_tok] = 0
             positions[n_tok:n_pad_tok] = 0
@@ -155,8 +159,9 @@ class InputBuffers:
         for name in ("input_ids", "positions", "seq_lens", "block_tables", "logits_indices"):
             dev(name).zero_()
         dev("slot_mapping").fill_(-1)
-        if self.lora:
-            dev("lora_slots").fill_(-1)
+        if self.lora_plan_blocks:
+            dev("lora_perm").zero_()
+            dev("lora_blocks").fill_(-1)
         qsl = dev("query_start_loc")
         qsl.copy_(torch.arange(len(qsl), dtype=torch.int32))
 
@@ -170,9 +175,10 @@ class InputBuffers:
             block_tables=dev("block_tables")[:rows * width].view(rows, width),
             max_query_len=max_query_len, max_seq_len=max_seq_len, num_actual_tokens=num_tokens)
 
-    def lora_slots(self) -> torch.Tensor:
-        """Every token's adapter slot on the device (the whole field, a fixed address; -1: none)."""
-        return self.staging.device("lora_slots")
+    def lora_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LoRA SGMV plan's device fields (fixed addresses): perm (T,) and blocks (3, B)."""
+        return (self.staging.device("lora_perm"),
+                self.staging.device("lora_blocks").view(3, self.lora_plan_blocks))
 
     def token_views(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, positions) device views of the first ``num_tokens`` tokens."""

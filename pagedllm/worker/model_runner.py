@@ -70,14 +70,19 @@ class ModelRunner:
         self.input_batch = InputBatch(scheduler_config.max_num_seqs, model_config.max_model_len, max_num_blocks,
                                       self.vocab_size, device)
         lora_config = scheduler_config.lora_config
+        lora_plan_blocks = 0  # --- lora: on a GPU the input buffers hold each step's SGMV plan
+        if lora_config is not None and device.type == "cuda":
+            from pagedllm.lora.manager import plan_capacity
+
+            lora_plan_blocks = plan_capacity(max_tokens, lora_config)
         self.buffers = InputBuffers(max_tokens, scheduler_config.max_num_seqs, max_num_blocks, device,
-                                    lora=lora_config is not None)
+                                    lora_plan_blocks)
         self.lora: LoRAManager | None = None  # --- lora: wraps the linears; the adapters of each step
         if lora_config is not None:
             from pagedllm.lora.manager import LoRAManager
 
-            token_slots = self.buffers.lora_slots() if device.type == "cuda" else None
-            self.lora = LoRAManager(self.model, lora_config, token_slots, device, self.dtype)
+            self.lora = LoRAManager(self.model, lora_config, self.buffers if lora_plan_blocks else None, device,
+                                    self.dtype)
         self.proposer: Proposer | None = None
         self.draft: DraftModel | None = None  # a draft model drafts inside the verifying step
         spec = scheduler_config.speculative_config
@@ -119,7 +124,7 @@ class ModelRunner:
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.buffers, self.model_config.max_model_len,
                                           max_batch_size=self.scheduler_config.max_num_seqs)
             if self.lora is not None:  # the graphs read each token's adapter slot from the input buffers
-                with self.lora.device_slots():
+                with self.lora.capturing():
                     self.graphs.capture()
             else:
                 self.graphs.capture()
