@@ -62,7 +62,8 @@ def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K,
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # tl.full, not tl.zeros: the interpreter cannot run tl.zeros once triton was imported before it was on.
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
