@@ -7,10 +7,10 @@ After the weights load, the runner wraps each adaptable linear of every decoder 
     gate_up_proj  gate_proj | up_proj             down_proj  (one target)
 
 so each target's delta goes to its column range. Two ways to compute the deltas, both
-reading the stacked per-slot weights of ``LoRASlots``:
+reading the stacked per-slot weights of ``LoRASlots`` (all targets of a fused layer at once):
 
     CPU   per step, the tokens of each active slot (``LoRAState.segments``, built once per step
-          by the manager): y[tokens, cols] += (x[tokens] @ A.T) @ B.T, a matmul pair per adapter
+          by the manager): y[tokens] += (x[tokens] @ A.T) @ B.T, a matmul pair per adapter
     GPU   the Triton SGMV kernel (lora/triton_punica.py) over the step's plan (tokens grouped by
           slot) in the persistent input buffers: the same launches eager and in a CUDA graph
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.lora.slots import LoRASlots
+from pagedllm.lora.slots import LoRASlots, ModuleTargets
 
 # Our fused parameter -> the PEFT targets it holds, in output order.
 FUSED_TARGETS = {
@@ -64,13 +64,13 @@ class LoRAState:
 
 
 class LoRALinear(nn.Module):
-    """``base(x)`` plus each token's adapter delta on the targets this layer fuses."""
+    """``base(x)`` plus each token's adapter delta on the targets this layer fuses (one stacked
+    shrink and one stacked expand for all of them: see ``LoRASlots``)."""
 
-    def __init__(self, base: nn.Module, layer: int, targets: list[tuple[str, int, int]], state: LoRAState) -> None:
+    def __init__(self, base: nn.Module, key: tuple[int, str], state: LoRAState) -> None:
         super().__init__()
         self.base = base
-        self.layer = layer
-        self.targets = targets  # (PEFT target, first output column, width)
+        self.key = key  # (layer, our fused layer's name): its stacked weights in LoRASlots
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,45 +78,38 @@ class LoRALinear(nn.Module):
         st = self.state
         if not st.active:
             return y
+        a, b = st.slots.a[self.key], st.slots.b[self.key]
         if st.perm is not None:
             from pagedllm.lora.triton_punica import add_lora_sgmv, num_plan_blocks
 
-            num_blocks = num_plan_blocks(x.shape[0], st.max_loras)
-            for name, offset, _ in self.targets:
-                key = (self.layer, name)
-                add_lora_sgmv(y, x, st.slots.a[key], st.slots.b[key], st.perm, st.blocks, num_blocks, offset)
-            return y
+            return add_lora_sgmv(y, x, a, b, st.perm, st.blocks, num_plan_blocks(x.shape[0], st.max_loras))
         for slot, idx in st.segments:
             xs = x if idx is None else x.index_select(0, idx)
-            for name, offset, width in self.targets:
-                key = (self.layer, name)
-                a, b = st.slots.a[key][slot], st.slots.b[key][slot]  # (rank, in), (out, rank)
-                delta = ((xs @ a.t()) @ b.t()).to(y.dtype)
-                if idx is None:
-                    y[:, offset:offset + width] += delta
-                else:
-                    y[:, offset:offset + width].index_add_(0, idx, delta)
+            delta = ((xs @ a[slot].t()) @ b[slot].t()).to(y.dtype)
+            if idx is None:
+                y += delta
+            else:
+                y.index_add_(0, idx, delta)
         return y
 
 
-def wrap_model(model: nn.Module, state: LoRAState) -> dict[tuple[int, str], tuple[int, int]]:
-    """Wrap every adaptable linear of ``model``'s decoder layers; returns each (layer, target)'s
-    (in, out) on this rank, the shapes of the slots' stacked weights."""
-    shapes: dict[tuple[int, str], tuple[int, int]] = {}
+def wrap_model(model: nn.Module, state: LoRAState) -> dict[tuple[int, str], ModuleTargets]:
+    """Wrap every adaptable linear of ``model``'s decoder layers; returns what each wrapped layer
+    holds on this rank (the slots' stacked weights are shaped from it)."""
+    modules: dict[tuple[int, str], ModuleTargets] = {}
     for i, layer in enumerate(model.model.layers):
         for parent in (layer.self_attn, layer.mlp):
             for fused, names in FUSED_TARGETS.items():
                 base = getattr(parent, fused, None)
                 if base is None:
                     continue
-                widths = _target_widths(base, fused)
                 targets, offset = [], 0
-                for name, width in zip(names, widths):
+                for name, width in zip(names, _target_widths(base, fused)):
                     targets.append((name, offset, width))
-                    shapes[(i, name)] = (base.input_size, width)
                     offset += width
-                setattr(parent, fused, LoRALinear(base, i, targets, state))
-    return shapes
+                modules[(i, fused)] = ModuleTargets(base.input_size, tuple(targets))
+                setattr(parent, fused, LoRALinear(base, (i, fused), state))
+    return modules
 
 
 def _target_widths(base: nn.Module, fused: str) -> list[int]:

@@ -47,8 +47,8 @@ class LoRAManager:
         self.state = LoRAState(slots=None, max_loras=config.max_loras)  # slots set once the shapes are known
         if buffers is not None:
             self.state.perm, self.state.blocks = buffers.lora_plan()
-        shapes = wrap_model(model, self.state)
-        self.slots = LoRASlots(config.max_loras, config.max_lora_rank, shapes, device, dtype)
+        modules = wrap_model(model, self.state)
+        self.slots = LoRASlots(config.max_loras, config.max_lora_rank, modules, device, dtype)
         self.state.slots = self.slots
         self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()  # CPU memory, LRU order
 

@@ -1,33 +1,61 @@
-"""GPU-side adapter slots: up to `max_loras` adapters stacked per (layer, target).
+"""Device-side adapter slots: up to ``max_loras`` adapters stacked per adapted layer.
 
-Adapters are zero-padded to `max_rank` so lower-rank adapters share the stacked tensors
-(the padded rows/columns contribute exactly zero). When all slots are taken, the least
-recently activated adapter that no running request uses is evicted.
+One pair of stacked tensors per model layer that LoRA wraps (a fused one holds several
+PEFT targets, e.g. q | k | v), so the whole layer's delta is one shrink and one expand:
+
+    a: (max_loras, T * max_rank, in)     target t's A in rows  [t R, t R + r)
+    b: (max_loras, out, T * max_rank)    target t's B in its output columns, ranks [t R, t R + r)
+
+(R = max_rank, r = the adapter's rank, T targets). Everything else is zero, so lower ranks,
+absent targets and the cross terms between targets contribute exactly nothing. When all
+slots are taken, the least recently activated adapter that no request of the step uses
+is evicted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
 from pagedllm.lora.adapter import LoRAAdapter
 
 
-class LoRASlots:
-    """Maps lora_int_id -> slot and owns the stacked A/B tensors the punica ops read."""
+@dataclass(frozen=True)
+class ModuleTargets:
+    """One wrapped layer: its input size and its PEFT targets as (name, first output column, width)."""
 
-    def __init__(self, max_loras: int, max_rank: int, shapes: dict[tuple[int, str], tuple[int, int]],
+    in_features: int
+    targets: tuple[tuple[str, int, int], ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(width for _, _, width in self.targets)
+
+
+class LoRASlots:
+    """Maps lora_int_id -> slot and owns the stacked A/B tensors the LoRA layers read."""
+
+    def __init__(self, max_loras: int, max_rank: int, modules: dict[tuple[int, str], ModuleTargets],
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {max_loras}")
         self.max_loras, self.max_rank = max_loras, max_rank
         self._ids: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU order
-        self.a = {k: torch.zeros(max_loras, max_rank, i, device=device, dtype=dtype) for k, (i, _) in shapes.items()}
-        self.b = {k: torch.zeros(max_loras, o, max_rank, device=device, dtype=dtype) for k, (_, o) in shapes.items()}
+        self.a: dict[tuple[int, str], torch.Tensor] = {}
+        self.b: dict[tuple[int, str], torch.Tensor] = {}
+        # (layer, PEFT target) -> (module key, index among its targets, first output column, width)
+        self._where: dict[tuple[int, str], tuple[tuple[int, str], int, int, int]] = {}
+        for key, mod in modules.items():
+            ranks = len(mod.targets) * max_rank
+            self.a[key] = torch.zeros(max_loras, ranks, mod.in_features, device=device, dtype=dtype)
+            self.b[key] = torch.zeros(max_loras, mod.out_features, ranks, device=device, dtype=dtype)
+            for t, (name, offset, width) in enumerate(mod.targets):
+                self._where[(key[0], name)] = (key, t, offset, width)
 
     def activate(self, lora_id: int, adapter: LoRAAdapter, in_use: set[int] = frozenset()) -> int:
-        """Slot for `lora_id`, copying its weights in (evicting an idle adapter) if needed."""
+        """Slot for ``lora_id``, copying its weights in (evicting an idle adapter) if needed."""
         if lora_id in self._ids:
             self._ids.move_to_end(lora_id)
             return self._ids[lora_id]
@@ -35,11 +63,14 @@ class LoRASlots:
         for key in self.a:
             self.a[key][slot].zero_()
             self.b[key][slot].zero_()
-        for key, (a, b) in adapter.weights.items():
-            if key not in self.a:
-                raise ValueError(f"adapter targets {key}, which the model does not have")
-            self.a[key][slot, : a.shape[0]].copy_(a)
-            self.b[key][slot, :, : b.shape[1]].copy_(b)
+        for (layer, target), (a, b) in adapter.weights.items():
+            where = self._where.get((layer, target))
+            if where is None:
+                raise ValueError(f"adapter targets {target} of layer {layer}, which the model does not have")
+            key, t, offset, width = where
+            r0, r = t * self.max_rank, a.shape[0]
+            self.a[key][slot, r0:r0 + r].copy_(a)
+            self.b[key][slot, offset:offset + width, r0:r0 + r].copy_(b)
         self._ids[lora_id] = slot
         return slot
 

@@ -26,7 +26,7 @@ BLOCK_M = 16  # tokens per block (tl.dot's minimum)
 
 def num_plan_blocks(num_tokens: int, max_loras: int) -> int:
     """Blocks a plan of ``num_tokens`` tokens over at most ``max_loras`` slots can need."""
-    return -(-num_tokens // BLOCK_M) + max_loras
+    return -(-num_tokens // BLOCK_M) + min(max_loras, num_tokens)
 
 
 def sgmv_plan(token_slots: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +47,10 @@ def sgmv_plan(token_slots: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.
 
 
 @triton.jit
-def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K,
+def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K, K_PER_SPLIT,
                  stride_xt, stride_ws, stride_wn, stride_yt, y_offset,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                 ATOMIC: tl.constexpr):
     b = tl.program_id(0)
     slot = tl.load(blocks_ptr + b)
     if slot < 0:
@@ -64,7 +65,8 @@ def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K,
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
     # tl.full, not tl.zeros: the interpreter cannot run tl.zeros once triton was imported before it was on.
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_begin = tl.program_id(2) * K_PER_SPLIT  # split-K: this program's share of the reduction
+    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -77,8 +79,11 @@ def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K,
             acc += tl.dot(x.to(w.dtype), w)
     y_ptrs = y_ptr + rows[:, None] * stride_yt + y_offset + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    if ATOMIC:  # split-K partial sums into an fp32 output
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n: int) -> int:
@@ -88,15 +93,22 @@ def _block(n: int) -> int:
 def sgmv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor,
          num_blocks: int, offset: int = 0) -> None:
     """y[:, offset:offset+N] += W[slot of each token] @ x, in place, over the first ``num_blocks`` blocks
-    of the plan (``blocks``: (3, capacity) int32). x: (T, K), w: (S, N, K), y: (T, >= offset+N)."""
+    of the plan (``blocks``: (3, capacity) int32). x: (T, K), w: (S, N, K), y: (T, >= offset+N).
+
+    A long reduction (the shrink's K = the layer's input size) is split over up to 16 programs per
+    tile, which add into y atomically: y must then be fp32 (the shrink's zeroed buffer)."""
     if x.stride(1) != 1 or w.stride(2) != 1 or y.stride(1) != 1:
         raise ValueError("sgmv: x, w and y must be contiguous along their last dimension")
     n, k = w.shape[1], w.shape[2]
     block_n, block_k = _block(n), _block(k)
-    grid = (num_blocks, triton.cdiv(n, block_n))
-    _sgmv_kernel[grid](x, w, y, perm, blocks, blocks.stride(0), n, k, x.stride(0), w.stride(0), w.stride(1),
-                       y.stride(0), offset, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-                       IEEE=w.dtype == torch.float32)
+    k_per_split = triton.cdiv(max(block_k, triton.cdiv(k, 16)), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k > 1 and y.dtype != torch.float32:
+        k_per_split, split_k = triton.cdiv(k, block_k) * block_k, 1
+    grid = (num_blocks, triton.cdiv(n, block_n), split_k)
+    _sgmv_kernel[grid](x, w, y, perm, blocks, blocks.stride(0), n, k, k_per_split, x.stride(0), w.stride(0),
+                       w.stride(1), y.stride(0), offset, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                       IEEE=w.dtype == torch.float32, ATOMIC=split_k > 1)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

@@ -10,10 +10,14 @@ from safetensors.torch import save_file
 from pagedllm.lora import LoRARequest
 from pagedllm.lora.adapter import load_peft_adapter
 from pagedllm.lora.punica import add_lora
-from pagedllm.lora.slots import LoRASlots
+from pagedllm.lora.slots import LoRASlots, ModuleTargets
 
 HID, INTER = 16, 24
 SHAPES = {(0, "q_proj"): (HID, HID), (0, "down_proj"): (INTER, HID), (1, "q_proj"): (HID, HID)}
+# The wrapped layers: a fused qkv (q | k | v, k and v of width 8) per layer, and layer 0's down_proj.
+MODULES = {(layer, "qkv_proj"): ModuleTargets(HID, (("q_proj", 0, HID), ("k_proj", HID, 8), ("v_proj", HID + 8, 8)))
+           for layer in (0, 1)}
+MODULES[(0, "down_proj")] = ModuleTargets(INTER, (("down_proj", 0, HID),))
 
 
 def _write_adapter(path, rank, alpha, targets=("q_proj", "down_proj"), rslora=False, seed=0, layers=(0,)):
@@ -64,31 +68,34 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_mixed_batch_matches_per_token_reference(tmp_path):
-    """Three adapters of different ranks plus base tokens in one batch, on merged-style offsets."""
+    """Three adapters of different ranks plus base tokens in one batch: the stacked weights of a fused
+    layer give each target's delta in its own columns (q here; k and v, absent from the adapters, get none)."""
     for i in (1, 2, 3):
         _write_adapter(tmp_path / f"a{i}", rank=2 * i, alpha=4 * i, seed=i)
     adapters = {i: load_peft_adapter(str(tmp_path / f"a{i}"), 8) for i in (1, 2, 3)}
-    slots = LoRASlots(max_loras=3, max_rank=8, shapes=SHAPES)
+    slots = LoRASlots(max_loras=3, max_rank=8, modules=MODULES)
     ids = torch.tensor([1, 0, 2, 3, 3, 0, 1, 2])
     for i, ad in adapters.items():
         slots.activate(i, ad)
     idx = torch.tensor([slots.slot_of(int(i)) for i in ids])
-    x = torch.randn(len(ids), INTER)
-    y = torch.randn(len(ids), 4 + HID)  # delta lands at column offset 4, as a merged shard would
-    out = add_lora(y.clone(), x, slots.a[(0, "down_proj")], slots.b[(0, "down_proj")], idx, offset=4)
-    ref = y.clone()
-    for t, lid in enumerate(ids.tolist()):
-        if lid:
-            a, b = adapters[lid].weights[(0, "down_proj")]
-            ref[t, 4:] += b @ (a @ x[t])
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(out[[1, 5]], y[[1, 5]])  # base tokens untouched
+    for key, target, d_in, cols in [((0, "down_proj"), "down_proj", INTER, slice(4, 4 + HID)),
+                                    ((0, "qkv_proj"), "q_proj", HID, slice(4, 4 + HID))]:
+        x = torch.randn(len(ids), d_in)
+        y = torch.randn(len(ids), 4 + MODULES[key].out_features)  # delta at column offset 4, as a shard would be
+        out = add_lora(y.clone(), x, slots.a[key], slots.b[key], idx, offset=4)
+        ref = y.clone()
+        for t, lid in enumerate(ids.tolist()):
+            if lid:
+                a, b = adapters[lid].weights[(0, target)]
+                ref[t, cols] += b @ (a @ x[t])
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(out[[1, 5]], y[[1, 5]])  # base tokens untouched
 
 
 def test_slots_evict_only_idle_adapters(tmp_path):
     _write_adapter(tmp_path / "a", rank=4, alpha=4)
     ad = load_peft_adapter(str(tmp_path / "a"), 8)
-    slots = LoRASlots(max_loras=2, max_rank=8, shapes=SHAPES)
+    slots = LoRASlots(max_loras=2, max_rank=8, modules=MODULES)
     assert slots.activate(1, ad) == 0 and slots.activate(2, ad) == 1
     assert slots.activate(3, ad, in_use={1}) == 1  # id 2 is idle and evicted, id 1 kept
     with pytest.raises(ValueError, match="max-loras"):
