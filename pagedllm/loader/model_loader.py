@@ -108,6 +108,10 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
         if "norm" in name:
             param.fill_(1.0)
+        # --- q4 ---
+        elif not param.is_floating_point():  # packed integer codes (gptq/awq): random bits
+            param.random_(generator=generator)
+        # --- end q4 ---
         else:
             param.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
 

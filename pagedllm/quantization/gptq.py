@@ -24,6 +24,7 @@ from torch import nn
 
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader
 
+DUMMY_SCALE = 0.02 / 8  # dummy weights: 4-bit codes 0..15 around zero 8 land in +-0.02, as dense dummies do
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of an AWQ word holds column AWQ_ORDER[k] of its 8
 
 
@@ -118,8 +119,10 @@ class PackedIntLinearMethod(QuantizationMethod):
         layer.weight = nn.Parameter(torch.zeros(shape, dtype=torch.int32), requires_grad=False)
         layer.weight.weight_loader = weight_loader
         dtype = torch.get_default_dtype()
-        layer.register_buffer("scales", torch.ones(input_size // group, output_size, dtype=dtype))
-        layer.register_buffer("zeros", torch.zeros(input_size // group, output_size, dtype=torch.int32))
+        # Until loaded: a scale and zero that map random codes (load_format=dummy) to about +-DUMMY_RANGE.
+        layer.register_buffer("scales", torch.full((input_size // group, output_size), DUMMY_SCALE, dtype=dtype))
+        zero = 1 << (self.bits - 1)
+        layer.register_buffer("zeros", torch.full((input_size // group, output_size), zero, dtype=torch.int32))
         if bias:
             layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             layer.bias.weight_loader = weight_loader
