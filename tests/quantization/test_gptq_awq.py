@@ -123,7 +123,8 @@ def tiny_dir(tmp_path_factory) -> str:
 def test_tiny_model_greedy_matches_dequantized_float(tiny_dir: str, method: str) -> None:
     prompts = [[1, 5, 9, 77, 3], [1, 200, 100, 50]]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    kwargs = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, block_size=16, max_model_len=128)
+    kwargs = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, block_size=16, max_model_len=128,
+                  cpu_kv_cache_gib=0.01)
     quantized = LLM(f"{tiny_dir}/float", quantization=method, **kwargs).generate(
         [{"prompt_token_ids": p} for p in prompts], params)
     reference = LLM(f"{tiny_dir}/deq_sym", **kwargs).generate([{"prompt_token_ids": p} for p in prompts], params)
@@ -133,7 +134,7 @@ def test_tiny_model_greedy_matches_dequantized_float(tiny_dir: str, method: str)
 def test_dummy_weights_load_quantized(tiny_dir: str) -> None:
     """load_format=dummy (the GPU benchmark's setting) fills packed codes with random bits around the zero."""
     llm = LLM(f"{tiny_dir}/float", quantization="awq", load_format="dummy", device="cpu", dtype="float32",
-              skip_tokenizer_init=True, block_size=16, max_model_len=64)
+              skip_tokenizer_init=True, block_size=16, max_model_len=64, cpu_kv_cache_gib=0.01)
     layer = llm.engine.executor.worker.model_runner.model.model.layers[0].mlp.down_proj
     weight = layer.quant_method.dequantized_weight(layer)
     assert weight.abs().max() <= 0.02 + 1e-6 and weight.std() > 0.005
