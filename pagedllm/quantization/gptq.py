@@ -176,6 +176,15 @@ class _PackedIntConfig(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module) -> QuantizationMethod:
         return PackedIntLinearMethod(self.fmt, self.bits, self.group_size, self.sym)
 
+    @classmethod
+    def check_float_checkpoint(cls, hf_quant_config: dict[str, Any]) -> None:
+        """A checkpoint that declares a ``quant_method`` holds packed tensors, which we cannot load yet."""
+        if "quant_method" in hf_quant_config:
+            raise ValueError(
+                f"quantization: loading {hf_quant_config['quant_method']!r} checkpoints (qweight/qzeros/scales) "
+                f"is not supported yet; {cls.fmt} quantizes a float checkpoint at load"
+            )
+
 
 class GptqConfig(_PackedIntConfig):
     """GPTQ's layout; ``quantization_config`` keys ``bits``, ``group_size``, ``sym`` as AutoGPTQ writes them."""
@@ -185,6 +194,7 @@ class GptqConfig(_PackedIntConfig):
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> GptqConfig:
+        cls.check_float_checkpoint(hf_quant_config)
         if hf_quant_config.get("desc_act"):
             raise ValueError("quantization: gptq desc_act (act-order) checkpoints are not supported yet")
         return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", 128)),
@@ -198,6 +208,7 @@ class AwqConfig(_PackedIntConfig):
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> AwqConfig:
+        cls.check_float_checkpoint(hf_quant_config)
         bits = hf_quant_config.get("bits", hf_quant_config.get("w_bit", 4))
         group = hf_quant_config.get("group_size", hf_quant_config.get("q_group_size", 128))
         return cls(int(bits), int(group), sym=not hf_quant_config.get("zero_point", True))

@@ -82,7 +82,8 @@ def test_fused_layer_matches_its_dequantized_weight(method: str) -> None:
 
 @pytest.mark.parametrize(("method", "cfg", "field"), [
     ("gptq", {"bits": 3}, "bits"), ("awq", {"bits": 8}, "bits"), ("gptq", {"group_size": 0}, "group_size"),
-    ("gptq", {"desc_act": True}, "desc_act"),
+    ("gptq", {"desc_act": True}, "desc_act"), ("gptq", {"quant_method": "gptq"}, "not supported yet"),
+    ("awq", {"quant_method": "awq"}, "not supported yet"),
 ])
 def test_bad_configs_are_value_errors(method: str, cfg: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
