@@ -24,6 +24,8 @@ from torch import nn
 
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader
 
+# 64, not GPTQ's usual 128: it divides SmolLM2's hidden size 576 (and Llama-3-8B's 4096, 14336).
+DEFAULT_GROUP_SIZE = 64
 DUMMY_SCALE = 0.02 / 8  # dummy weights: 4-bit codes 0..15 around zero 8 land in +-0.02, as dense dummies do
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of an AWQ word holds column AWQ_ORDER[k] of its 8
 
@@ -166,7 +168,7 @@ class _PackedIntConfig(QuantizationConfig):
     fmt = "abstract"
     allowed_bits: tuple[int, ...] = (4,)
 
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = True) -> None:
+    def __init__(self, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True) -> None:
         if bits not in self.allowed_bits:
             raise ValueError(f"quantization: {self.fmt} bits must be one of {self.allowed_bits}, got {bits}")
         if group_size != -1 and group_size <= 0:
@@ -197,7 +199,7 @@ class GptqConfig(_PackedIntConfig):
         cls.check_float_checkpoint(hf_quant_config)
         if hf_quant_config.get("desc_act"):
             raise ValueError("quantization: gptq desc_act (act-order) checkpoints are not supported yet")
-        return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", 128)),
+        return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", DEFAULT_GROUP_SIZE)),
                    bool(hf_quant_config.get("sym", True)))
 
 
@@ -210,5 +212,5 @@ class AwqConfig(_PackedIntConfig):
     def from_config(cls, hf_quant_config: dict[str, Any]) -> AwqConfig:
         cls.check_float_checkpoint(hf_quant_config)
         bits = hf_quant_config.get("bits", hf_quant_config.get("w_bit", 4))
-        group = hf_quant_config.get("group_size", hf_quant_config.get("q_group_size", 128))
+        group = hf_quant_config.get("group_size", hf_quant_config.get("q_group_size", DEFAULT_GROUP_SIZE))
         return cls(int(bits), int(group), sym=not hf_quant_config.get("zero_point", True))

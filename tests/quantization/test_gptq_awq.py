@@ -113,8 +113,8 @@ def tiny_dir(tmp_path_factory) -> str:
     with torch.no_grad():  # the reference: every linear weight replaced by its RTN dequantization
         for name, p in model.named_parameters():
             if "proj" in name and name.endswith("weight"):
-                codes, scales, zeros = quantize_rtn(p, 4, 128, sym=True)  # gptq default: sym
-                deq = (codes.view(-1, 128, p.shape[0]) - zeros.unsqueeze(1)) * scales.unsqueeze(1)
+                codes, scales, zeros = quantize_rtn(p, 4, 64, sym=True)  # gptq default: sym
+                deq = (codes.view(-1, 64, p.shape[0]) - zeros.unsqueeze(1)) * scales.unsqueeze(1)
                 p.copy_(deq.reshape(-1, p.shape[0]).t())
     model.save_pretrained(path / "deq_sym")
     return str(path)
