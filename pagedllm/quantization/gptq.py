@@ -1,17 +1,25 @@
 """``gptq`` / ``awq``: 4-bit (gptq also 8-bit) weights, one scale and zero point per group of inputs.
 
-Weights are stored packed in int32 as the published formats lay them out:
+Two ways in, one layout:
 
-    gptq   qweight (input_size / pack, output_size): input i of column j sits in word i // pack,
-           bits [b * (i % pack), b * (i % pack + 1))   (AutoGPTQ / GPTQModel)
-    awq    qweight (input_size, output_size / 8): nibble k of word j holds column 8 j + AWQ_ORDER[k]
-           (AutoAWQ's GEMM layout interleaves the 8 columns of a word)
+    a GPTQ or AWQ checkpoint   (``quantization_config.quant_method`` gptq/awq; found without a flag)
+        its qweight/qzeros/scales(/g_idx) tensors, converted as each shard arrives
+    a float checkpoint with ``--quantization gptq|awq``
+        each weight quantized at load, round-to-nearest per group (gptq symmetric, awq with zeros)
 
-and dequantized as ``w = scale * (q - zero)`` per group of ``group_size`` inputs. This module
-quantizes a float checkpoint at load with round-to-nearest per group (``--quantization gptq|awq``),
-so a model can be served, and benchmarked on dummy weights, in 4 bits. Loading the
-``qweight``/``qzeros``/``scales`` tensors of a GPTQ/AWQ checkpoint is not supported yet.
-The matmul dequantizes the layer's weight to the activation dtype and runs a dense GEMM.
+Every layer keeps its weight as (the formats themselves: int_packing.py)
+
+    qweight  (K / pack, N) int32   GPTQ's packing along the inputs (AWQ's columns un-interleaved)
+    qzeros   (G, N) model dtype     the zero point of each group and column, unpacked: GPTQ v1's stored
+                                    ``zero - 1`` gets its +1 back (a stored 15 in 4 bits is 16, as
+                                    AutoGPTQ's kernels read it), so one formula serves every format
+    scales   (G, N) model dtype
+    g_idx    (K,) int32             the group of each input: act-order (``desc_act``) checkpoints permute
+                                    them; ``arange(K) // group_size`` otherwise
+
+and ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - qzeros[g_idx[k], n])``. A fused layer (qkv, gate_up)
+loads each shard's tensors into its span of output columns. The matmul dequantizes the weight to
+the activation dtype for one dense GEMM.
 """
 
 from __future__ import annotations
@@ -22,195 +30,220 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader
+from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader, register_bias
+from pagedllm.quantization.int_packing import (
+    dequantize,
+    pack_rows,
+    quantize_rtn,
+    unpack_awq,
+    unpack_cols,
+    unpack_rows,
+)
 
-# 64, not GPTQ's usual 128: it divides SmolLM2's hidden size 576 (and Llama-3-8B's 4096, 14336).
+# Quantizing at load: 64, not GPTQ's usual 128, divides SmolLM2's hidden size 576 (and Llama-3-8B's dims).
 DEFAULT_GROUP_SIZE = 64
-DUMMY_SCALE = 0.02 / 8  # dummy weights: 4-bit codes 0..15 around zero 8 land in +-0.02, as dense dummies do
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k of an AWQ word holds column AWQ_ORDER[k] of its 8
-
-
-def pack_gptq(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """(input, output) integer codes -> GPTQ qweight (input / pack, output) int32, packed along the input."""
-    pack = 32 // bits
-    q = q.to(torch.int64).reshape(q.shape[0] // pack, pack, q.shape[1])
-    shifts = (torch.arange(pack, device=q.device) * bits).view(1, pack, 1)
-    return _to_int32((q << shifts).sum(dim=1))
-
-
-def unpack_gptq(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQ qweight -> (input, output) codes in int32."""
-    pack = 32 // bits
-    shifts = (torch.arange(pack, device=qweight.device) * bits).view(1, pack, 1)
-    q = (qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return q.reshape(qweight.shape[0] * pack, qweight.shape[1])
-
-
-def pack_awq(q: torch.Tensor) -> torch.Tensor:
-    """(input, output) 4-bit codes -> AWQ qweight (input, output / 8) int32, columns interleaved."""
-    q = q.to(torch.int64).reshape(q.shape[0], q.shape[1] // 8, 8)[:, :, list(AWQ_ORDER)]
-    shifts = (torch.arange(8, device=q.device) * 4).view(1, 1, 8)
-    return _to_int32((q << shifts).sum(dim=2))
-
-
-def unpack_awq(qweight: torch.Tensor) -> torch.Tensor:
-    """AWQ qweight -> (input, output) codes in int32."""
-    shifts = (torch.arange(8, device=qweight.device) * 4).view(1, 1, 8)
-    nibbles = (qweight.unsqueeze(2) >> shifts) & 0xF  # nibble k = column AWQ_ORDER[k]
-    inverse = [AWQ_ORDER.index(c) for c in range(8)]
-    return nibbles[:, :, inverse].reshape(qweight.shape[0], qweight.shape[1] * 8)
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    # Words are summed in int64 as unsigned 32-bit values; wrap the top bit into int32's sign.
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def quantize_rtn(
-    weight: torch.Tensor, bits: int, group_size: int, sym: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest per group of inputs: (output, input) float -> codes (input, output) int32,
-    scales and zeros (groups, output), so that ``w[o, i] ~= scales[g, o] * (codes[i, o] - zeros[g, o])``."""
-    maxq = (1 << bits) - 1
-    out_size, in_size = weight.shape
-    w = weight.float().t().reshape(in_size // group_size, group_size, out_size)
-    if sym:
-        scales = (w.abs().amax(dim=1) * 2 / maxq).clamp_min(1e-10)
-        zeros = torch.full_like(scales, (maxq + 1) // 2)
-    else:
-        lo, hi = w.amin(dim=1).clamp_max(0), w.amax(dim=1).clamp_min(0)
-        scales = ((hi - lo) / maxq).clamp_min(1e-10)
-        zeros = torch.round(-lo / scales).clamp(0, maxq)
-    codes = torch.clamp(torch.round(w / scales.unsqueeze(1)) + zeros.unsqueeze(1), 0, maxq)
-    return codes.reshape(in_size, out_size).to(torch.int32), scales, zeros.to(torch.int32)
-
-
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(input, output) codes with per-group scales/zeros -> the (output, input) float weight."""
-    in_size, out_size = codes.shape
-    q = codes.reshape(in_size // group_size, group_size, out_size).to(scales.dtype)
-    w = (q - zeros.unsqueeze(1).to(scales.dtype)) * scales.unsqueeze(1)
-    return w.reshape(in_size, out_size).t()
+_CHECKPOINT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class PackedIntLinearMethod(QuantizationMethod):
-    """``weight``: the packed int32 qweight of ``fmt`` (gptq or awq); ``scales``/``zeros`` buffers per group.
+    """A GPTQ/AWQ layer; see the module docstring for its tensors.
 
-    The float checkpoint slice given to ``weight_loader`` is quantized on arrival, so no dense copy of
-    the layer is ever held."""
+    ``fmt``: the checkpoint's format, "gptq" (``v1``: zeros stored minus one), "awq", or "float" (a float
+    checkpoint quantized on arrival into the same tensors, through an empty ``weight`` placeholder)."""
 
-    def __init__(self, fmt: str, bits: int, group_size: int, sym: bool) -> None:
-        self.fmt, self.bits, self.group_size, self.sym = fmt, bits, group_size, sym
-
-    def _group(self, input_size: int) -> int:
-        return input_size if self.group_size == -1 else self.group_size
+    def __init__(self, fmt: str, bits: int, group_size: int, sym: bool, v1: bool = False,
+                 act_order: bool = False) -> None:
+        self.fmt, self.bits, self.group_size, self.sym, self.v1 = fmt, bits, group_size, sym, v1
+        self.act_order = act_order  # the checkpoint declares desc_act: g_idx must come with it
+        self.pack = 32 // bits
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_size: int, bias: bool, weight_loader: WeightLoader
     ) -> None:
-        group = self._group(input_size)
-        pack = 32 // self.bits
-        if input_size % group or group % pack:
-            raise ValueError(
-                f"quantization: group_size {group} must divide the layer's input size {input_size} "
-                f"and be a multiple of {pack}"
-            )
-        if self.fmt == "awq" and output_size % 8:
-            raise ValueError(f"quantization: awq needs output sizes divisible by 8, got {output_size}")
-        shape = (input_size // pack, output_size) if self.fmt == "gptq" else (input_size, output_size // 8)
-        layer.weight = nn.Parameter(torch.zeros(shape, dtype=torch.int32), requires_grad=False)
-        layer.weight.weight_loader = weight_loader
+        if getattr(layer, "tp_size", 1) > 1:
+            raise ValueError("quantization: gptq/awq with tensor parallelism is not supported yet")
+        group = input_size if self.group_size == -1 else self.group_size
+        if input_size % group or input_size % self.pack:
+            raise ValueError(f"quantization: group_size {group} must divide the layer's input size {input_size}, "
+                             f"a multiple of {self.pack}")
+        if output_size % self.pack:
+            raise ValueError(f"quantization: {self.bits}-bit layers need output sizes divisible by {self.pack}, "
+                             f"got {output_size}")
+        groups = input_size // group
         dtype = torch.get_default_dtype()
-        # Until loaded: a scale and zero that map random codes (load_format=dummy) to about +-DUMMY_RANGE.
-        layer.register_buffer("scales", torch.full((input_size // group, output_size), DUMMY_SCALE, dtype=dtype))
-        zero = 1 << (self.bits - 1)
-        layer.register_buffer("zeros", torch.full((input_size // group, output_size), zero, dtype=torch.int32))
-        if bias:
-            layer.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            layer.bias.weight_loader = weight_loader
-        else:
-            layer.register_parameter("bias", None)
+
+        def param(data: torch.Tensor, from_checkpoint: bool) -> nn.Parameter:
+            p = nn.Parameter(data, requires_grad=False)
+            p.weight_loader = weight_loader
+            p.derived_from_weight = not from_checkpoint  # filled by another tensor's loader
+            return p
+
+        packed = self.fmt != "float"
+        layer.qweight = param(torch.zeros(input_size // self.pack, output_size, dtype=torch.int32), packed)
+        layer.qzeros = param(torch.zeros(groups, output_size, dtype=dtype), packed)
+        layer.scales = param(torch.zeros(groups, output_size, dtype=dtype), packed)
+        g_idx = torch.arange(input_size, dtype=torch.int32) // group
+        layer.g_idx = param(g_idx, self.fmt == "gptq" and self.act_order)  # optional unless desc_act
+        layer.group_size = group
+        layer.act_order = False  # a g_idx out of input order turns it on as it loads
+        if not packed:
+            layer.weight = param(torch.empty(0, dtype=dtype), True)
+        register_bias(layer, output_size, bias, weight_loader)
 
     def weight_loader(
         self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
         output_span: tuple[int, int] | None = None,
     ) -> None:
         offset, size = output_span if output_span is not None else (0, layer.scales.shape[1])
-        if param is not layer.weight:  # the bias
-            param.data.narrow(0, offset, size).copy_(loaded_weight)
-            return
-        if loaded_weight.shape != (size, layer.scales.shape[0] * self._group(loaded_weight.shape[1])):
-            raise ValueError(f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit the layer")
-        codes, scales, zeros = quantize_rtn(
-            loaded_weight.to(param.device), self.bits, self._group(loaded_weight.shape[1]), self.sym
-        )
-        layer.scales.narrow(1, offset, size).copy_(scales)
-        layer.zeros.narrow(1, offset, size).copy_(zeros)
-        if self.fmt == "gptq":
-            param.data.narrow(1, offset, size).copy_(pack_gptq(codes, self.bits))
+        if param is layer.bias:
+            _copy(param.data.narrow(0, offset, size), loaded_weight, "bias")
+        elif param is getattr(layer, "weight", None):
+            self._quantize_float(layer, loaded_weight.to(param.device), offset, size)
+        elif param is layer.g_idx:
+            self._load_g_idx(layer, loaded_weight.to(param.device))
         else:
-            if offset % 8 or size % 8:
-                raise ValueError(f"quantization: awq shard at {offset} of size {size} is not 8-aligned")
-            param.data.narrow(1, offset // 8, size // 8).copy_(pack_awq(codes))
+            name = next(n for n in _CHECKPOINT_TENSORS if getattr(layer, n) is param)
+            value = self._convert(name, loaded_weight.to(param.device))
+            _copy(param.data.narrow(1, offset, size), value, name)
+
+    def _convert(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A checkpoint tensor of one shard -> our layout (see the module docstring)."""
+        if name == "scales":
+            return t
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 (packed codes), got {t.dtype}")
+        if self.fmt == "awq":
+            codes = unpack_awq(t)
+            return pack_rows(codes, self.bits) if name == "qweight" else codes
+        if name == "qweight":
+            return t
+        return unpack_cols(t, self.bits) + (1 if self.v1 else 0)
+
+    def _load_g_idx(self, layer: nn.Module, g_idx: torch.Tensor) -> None:
+        # Fused shards (q, k, v) share their input, so GPTQ gives them the same act-order permutation.
+        if getattr(layer, "_g_idx_loaded", False) and not torch.equal(layer.g_idx.to(g_idx), g_idx):
+            raise ValueError("g_idx differs between the shards of a fused layer (not supported)")
+        _copy(layer.g_idx.data, g_idx, "g_idx")
+        groups = layer.scales.shape[0]
+        if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+            raise ValueError(f"g_idx holds groups outside 0..{groups - 1}")
+        in_order = torch.arange(g_idx.numel(), device=g_idx.device) // layer.group_size
+        layer.act_order = not torch.equal(g_idx.long(), in_order)
+        layer._g_idx_loaded = True
+
+    def _quantize_float(self, layer: nn.Module, weight: torch.Tensor, offset: int, size: int) -> None:
+        in_size = layer.g_idx.numel()
+        if weight.shape != (size, in_size):
+            raise ValueError(f"checkpoint tensor of shape {tuple(weight.shape)} does not fit {(size, in_size)}")
+        if not weight.is_floating_point():
+            raise ValueError(f"a {weight.dtype} weight cannot be quantized at load (a float checkpoint is needed)")
+        codes, scales, zeros = quantize_rtn(weight, self.bits, layer.group_size, self.sym)
+        layer.qweight.data.narrow(1, offset, size).copy_(pack_rows(codes, self.bits))
+        layer.scales.data.narrow(1, offset, size).copy_(scales)
+        layer.qzeros.data.narrow(1, offset, size).copy_(zeros)
+
+    @torch.no_grad()
+    def init_dummy(self, layer: nn.Module, generator: torch.Generator, bound: float) -> None:
+        """Random codes around the middle zero, scaled so that weights land in +-bound."""
+        half = 1 << (self.bits - 1)
+        k, n = layer.g_idx.numel(), layer.scales.shape[1]
+        codes = torch.randint(0, 2 * half, (k, n), generator=generator, device=layer.qweight.device)
+        layer.qweight.data.copy_(pack_rows(codes, self.bits))
+        layer.qzeros.data.fill_(half)
+        layer.scales.data.fill_(bound / half)
+        if layer.bias is not None:
+            layer.bias.data.uniform_(-bound, bound, generator=generator)
 
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         """The layer's (output, input) weight in the scales' dtype."""
-        codes = unpack_gptq(layer.weight, self.bits) if self.fmt == "gptq" else unpack_awq(layer.weight)
-        return dequantize(codes, layer.scales, layer.zeros, self._group(codes.shape[0]))
+        return dequantize(unpack_rows(layer.qweight, self.bits), layer.scales, layer.qzeros, layer.g_idx)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
 
 
-class _PackedIntConfig(QuantizationConfig):
-    """Settings shared by gptq and awq: ``bits``, ``group_size`` (-1: one group per row), ``sym``."""
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"{name} of shape {tuple(src.shape)} does not fit the layer's {tuple(dst.shape)} "
+                         "(bits or group_size differ from quantization_config?)")
+    dst.copy_(src)
 
-    fmt = "abstract"
+
+class _PackedIntConfig(QuantizationConfig):
+    """Settings shared by gptq and awq: ``bits``, ``group_size`` (-1: one group per row), ``sym``, and
+    ``fmt``: the checkpoint's format ("float" when quantizing at load)."""
+
+    name = "abstract"
     allowed_bits: tuple[int, ...] = (4,)
 
-    def __init__(self, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True) -> None:
+    def __init__(self, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE, sym: bool = True, fmt: str = "float",
+                 v1: bool = False, act_order: bool = False) -> None:
         if bits not in self.allowed_bits:
-            raise ValueError(f"quantization: {self.fmt} bits must be one of {self.allowed_bits}, got {bits}")
+            raise ValueError(f"quantization_config: {self.name} bits must be one of {self.allowed_bits}, got {bits}")
         if group_size != -1 and group_size <= 0:
-            raise ValueError(f"quantization: {self.fmt} group_size must be positive or -1, got {group_size}")
-        self.bits, self.group_size, self.sym = bits, group_size, sym
+            raise ValueError(f"quantization_config: {self.name} group_size must be positive or -1, got {group_size}")
+        self.bits, self.group_size, self.sym, self.fmt, self.v1 = bits, group_size, sym, fmt, v1
+        self.act_order = act_order
 
     def get_linear_method(self, layer: nn.Module) -> QuantizationMethod:
-        return PackedIntLinearMethod(self.fmt, self.bits, self.group_size, self.sym)
+        return PackedIntLinearMethod(self.fmt, self.bits, self.group_size, self.sym, self.v1, self.act_order)
 
     @classmethod
-    def check_float_checkpoint(cls, hf_quant_config: dict[str, Any]) -> None:
-        """A checkpoint that declares a ``quant_method`` holds packed tensors, which we cannot load yet."""
-        if "quant_method" in hf_quant_config:
-            raise ValueError(
-                f"quantization: loading {hf_quant_config['quant_method']!r} checkpoints (qweight/qzeros/scales) "
-                f"is not supported yet; {cls.fmt} quantizes a float checkpoint at load"
-            )
+    def _checkpoint_method(cls, hf_quant_config: dict[str, Any]) -> str | None:
+        """The checkpoint's quant_method: None for a float checkpoint, else it must be ours."""
+        method = hf_quant_config.get("quant_method")
+        if method is not None and method != cls.name:
+            raise ValueError(f"quantization={cls.name} cannot load a checkpoint whose quant_method is {method!r}")
+        for key in ("modules_to_not_convert", "dynamic"):
+            if hf_quant_config.get(key):
+                raise ValueError(f"quantization_config: {key} (layers quantized differently) is not supported yet")
+        if hf_quant_config.get("lm_head"):
+            raise ValueError("quantization_config: lm_head true (a quantized LM head) is not supported yet")
+        return method
 
 
 class GptqConfig(_PackedIntConfig):
-    """GPTQ's layout; ``quantization_config`` keys ``bits``, ``group_size``, ``sym`` as AutoGPTQ writes them."""
+    """GPTQ: ``bits`` 4/8, ``group_size``, ``desc_act``, ``sym``, ``checkpoint_format`` gptq (v1) or gptq_v2."""
 
-    name = fmt = "gptq"
+    name = "gptq"
     allowed_bits = (4, 8)
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> GptqConfig:
-        cls.check_float_checkpoint(hf_quant_config)
-        if hf_quant_config.get("desc_act"):
-            raise ValueError("quantization: gptq desc_act (act-order) checkpoints are not supported yet")
-        return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", DEFAULT_GROUP_SIZE)),
-                   bool(hf_quant_config.get("sym", True)))
+        method = cls._checkpoint_method(hf_quant_config)
+        sym = bool(hf_quant_config.get("sym", True))
+        if method is None:
+            return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", DEFAULT_GROUP_SIZE)),
+                       sym)
+        fmt = hf_quant_config.get("checkpoint_format", hf_quant_config.get("format", "gptq"))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"quantization_config: checkpoint_format {fmt!r} is not supported; gptq and gptq_v2 are")
+        if hf_quant_config.get("is_marlin_format"):
+            raise ValueError("quantization_config: is_marlin_format checkpoints are not supported")
+        if hf_quant_config.get("pack_dtype", "int32") not in ("int32", "torch.int32"):
+            raise ValueError(f"quantization_config: pack_dtype {hf_quant_config['pack_dtype']!r} is not supported; "
+                             "int32 is")
+        return cls(int(hf_quant_config.get("bits", 4)), int(hf_quant_config.get("group_size", 128)), sym,
+                   fmt="gptq", v1=fmt == "gptq", act_order=bool(hf_quant_config.get("desc_act", False)))
 
 
 class AwqConfig(_PackedIntConfig):
-    """AWQ's GEMM layout, zero points always present; keys ``w_bit``/``bits``, ``q_group_size``/``group_size``."""
+    """AWQ's GEMM layout, zero points always present; keys ``bits``/``w_bit``, ``group_size``/``q_group_size``,
+    ``zero_point`` (true), ``version`` gemm."""
 
-    name = fmt = "awq"
+    name = "awq"
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> AwqConfig:
-        cls.check_float_checkpoint(hf_quant_config)
+        method = cls._checkpoint_method(hf_quant_config)
         bits = hf_quant_config.get("bits", hf_quant_config.get("w_bit", 4))
-        group = hf_quant_config.get("group_size", hf_quant_config.get("q_group_size", DEFAULT_GROUP_SIZE))
-        return cls(int(bits), int(group), sym=not hf_quant_config.get("zero_point", True))
+        default_group = DEFAULT_GROUP_SIZE if method is None else 128
+        group = hf_quant_config.get("group_size", hf_quant_config.get("q_group_size", default_group))
+        if method is None:
+            return cls(int(bits), int(group), sym=False)
+        version = str(hf_quant_config.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"quantization_config: awq version {version!r} is not supported; gemm is")
+        if not hf_quant_config.get("zero_point", True):
+            raise ValueError("quantization_config: awq zero_point false is not supported; zero points are needed")
+        return cls(int(bits), int(group), sym=False, fmt="awq")
