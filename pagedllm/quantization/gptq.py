@@ -18,8 +18,10 @@ Every layer keeps its weight as (the formats themselves: int_packing.py)
                                     them; ``arange(K) // group_size`` otherwise
 
 and ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - qzeros[g_idx[k], n])``. A fused layer (qkv, gate_up)
-loads each shard's tensors into its span of output columns. The matmul dequantizes the weight to
-the activation dtype for one dense GEMM.
+loads each shard's tensors into its span of output columns. The matmul, on CUDA: Triton
+(gptq_triton.py: dequantization inside the GEMM for decode-sized batches, a dequantize kernel and
+cuBLAS for larger ones); elsewhere, or without Triton, the weight is dequantized to the activation
+dtype by torch ops for one dense GEMM.
 """
 
 from __future__ import annotations
@@ -159,6 +161,14 @@ class PackedIntLinearMethod(QuantizationMethod):
         return dequantize(unpack_rows(layer.qweight, self.bits), layer.scales, layer.qzeros, layer.g_idx)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda and _has_triton():
+            from pagedllm.quantization.gptq_triton import gptq_matmul
+
+            x2 = x.reshape(-1, x.shape[-1])
+            y = gptq_matmul(x2, layer.qweight, layer.scales, layer.qzeros, layer.g_idx, self.bits,
+                            layer.group_size, layer.act_order)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if bias is None else y + bias
         return F.linear(x, self.dequantized_weight(layer).to(x.dtype), bias)
 
 
@@ -167,6 +177,21 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} of shape {tuple(src.shape)} does not fit the layer's {tuple(dst.shape)} "
                          "(bits or group_size differ from quantization_config?)")
     dst.copy_(src)
+
+
+_TRITON: bool | None = None
+
+
+def _has_triton() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
 
 
 class _PackedIntConfig(QuantizationConfig):

@@ -131,6 +131,17 @@ def test_checkpoint_greedy_matches_hf_on_the_dequantized_weights(
     assert _greedy(llm, PROMPTS, 20) == _greedy_hf(model, PROMPTS, 20)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("method", "v1", "desc_act"), [("gptq", True, True), ("awq", False, False)])
+def test_checkpoint_on_the_gpu_greedy_matches_hf(tmp_path: Path, method: str, v1: bool, desc_act: bool) -> None:
+    """The Triton kernels (decode: in-kernel GEMM; prefill over 16 tokens: dequantize + cuBLAS) in fp32."""
+    model = tiny_llama()
+    ref.write_checkpoint(model, tmp_path, method, 4, group=32, sym=v1, v1=v1, desc_act=desc_act)
+    llm = LLM(str(tmp_path), device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
+    assert _greedy(llm, PROMPTS, 20) == _greedy_hf(model, PROMPTS, 20)
+
+
 def test_checkpoint_with_the_method_named_and_with_another_method(tmp_path: Path) -> None:
     ref.write_checkpoint(tiny_llama(), tmp_path, "awq", 4, group=32, sym=False)
     kwargs = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=64)
