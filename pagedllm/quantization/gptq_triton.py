@@ -7,7 +7,8 @@ The weight is in the layout every GPTQ/AWQ layer is kept in (gptq.py):
     zeros   (G, N)                the zero point, unpacked, in the scales' dtype
     g_idx   (K,) int32            the group of each input (act-order)
 
-Two kernels, chosen by the number of rows M (measured on an H200, Llama-3-8B shapes: RESULTS.md):
+Two kernels, chosen by the number of rows M (measured on an H200, Llama-3-8B shapes: README,
+"GPTQ / AWQ checkpoints"):
 
     M <= 16 (decode)  ``_gemm_kernel``: each program loads a (BLOCK_K / pack, BLOCK_N) tile of words
         once and, for each of the ``pack`` codes in a word, dequantizes a (BLOCK_K / pack, BLOCK_N)
@@ -23,7 +24,7 @@ Two kernels, chosen by the number of rows M (measured on an H200, Llama-3-8B sha
 Scales and zeros (``GROUPS``): a tile whose inputs share one group (groups in input order,
 BLOCK_K dividing group_size) reads one row; with smaller groups, one row per word row (a word's
 inputs share a group); act-order reads each input's row through g_idx, inside the loop over the
-codes of a word (about twice the time at batch 1: RESULTS.md).
+codes of a word (about twice the time at batch 1).
 
 The kernels call only triton.language builtins (``tl.full``, not the jit-defined ``tl.zeros``),
 so the CPU tests can reload this module under TRITON_INTERPRET=1 after triton was imported.
