@@ -98,7 +98,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         init_dummy = getattr(getattr(module, "quant_method", None), "init_dummy", None)
         if init_dummy is not None:
             if generator is None:
-                generator = torch.Generator(device=module.weight.device).manual_seed(seed)
+                device = next(module.parameters()).device  # gptq/awq layers have no `weight`
+                generator = torch.Generator(device=device).manual_seed(seed)
             init_dummy(module, generator, _DUMMY_RANGE)
             quantized.update(id(p) for p in module.parameters(recurse=False))
     for name, param in model.named_parameters():

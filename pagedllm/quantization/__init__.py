@@ -24,10 +24,13 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "fp8": "pagedllm.quantization.w8a8:Fp8Config",  # W8A8 fp8 e4m3, per-channel weights, per-token activations
     "int8": "pagedllm.quantization.w8a8:Int8Config",  # W8A8 int8 on CUDA, int8 weight-only on the CPU
     "compressed-tensors": "pagedllm.quantization.w8a8:W8A8Config",  # 8-bit float/int checkpoints of llm-compressor
+    "gptq": "pagedllm.quantization.gptq:GptqConfig",  # GPTQ checkpoints (4/8-bit), or 4-bit RTN at load
+    "awq": "pagedllm.quantization.gptq:AwqConfig",  # AWQ (GEMM) checkpoints, or 4-bit RTN at load
 }
 
 # A checkpoint's quantization_config["quant_method"] -> the method that loads it.
-CHECKPOINT_METHODS: dict[str, str] = {"fp8": "fp8", "compressed-tensors": "compressed-tensors"}
+CHECKPOINT_METHODS: dict[str, str] = {"fp8": "fp8", "compressed-tensors": "compressed-tensors", "gptq": "gptq",
+                                      "awq": "awq"}
 
 
 def checkpoint_quantization(requested: str | None, hf_quant_config: dict[str, Any] | None) -> str | None:

@@ -104,8 +104,8 @@ def test_fused_layers_load_shards_through_the_method(registered: None) -> None:
 
 
 def test_unknown_method_is_a_value_error_naming_the_field() -> None:
-    with pytest.raises(ValueError, match="quantization: unknown method 'awq'"):
-        quantization.get_quantization_config("awq")
-    with pytest.raises(ValueError, match="quantization: unknown method 'awq'"):
-        EngineArgs(quantization="awq")
+    with pytest.raises(ValueError, match="quantization: unknown method 'squeezellm'"):
+        quantization.get_quantization_config("squeezellm")
+    with pytest.raises(ValueError, match="quantization: unknown method 'squeezellm'"):
+        EngineArgs(quantization="squeezellm")
     assert EngineArgs(dtype="float32").model_config().quantization is None  # auto on CPU: cpu_bf16
