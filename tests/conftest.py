@@ -1,6 +1,14 @@
 """Shared test configuration: GPU tests skip on machines without CUDA; shared fixtures."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter on a machine without a GPU. Set here, before any test module
+    # imports triton: the interpreter cannot run some tl functions once triton was imported without it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
