@@ -72,8 +72,11 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
+        """Nothing for the runner to do. Finished and preempted ids are work: the scheduler sends
+        them once, and a runner never told keeps a stale row under an id that may come back."""
         return (self.total_num_scheduled_tokens == 0 and not self.blocks_to_copy
-                and not self.blocks_to_swap_out and not self.blocks_to_swap_in)
+                and not self.blocks_to_swap_out and not self.blocks_to_swap_in
+                and not self.finished_req_ids and not self.preempted_req_ids)
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.config import EngineArgs
+from pagedllm.engine.llm_engine import LLMEngine
+from tests.engine.runner_agreement import assert_runner_agrees
 from tests.tiny_llama import save_tiny_llama
 
 
@@ -182,3 +184,34 @@ def test_gpu_async_under_pressure_keeps_lengths_and_agrees(tiny_dir: str) -> Non
     assert same >= 0.8 * len(prompts), (same, got, want)
     assert llm.engine.scheduler.num_preemptions > 0
     _assert_pool_empty(llm)
+
+
+def _drain(eng: LLMEngine, limit: int = 2000) -> dict[str, list[list[int]]]:
+    """Step until the engine is idle; the final token ids of each finished request by id."""
+    done = {}
+    for _ in range(limit):
+        if not eng.has_unfinished_requests():
+            return done
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = [c.token_ids for c in out.outputs]
+        assert_runner_agrees(eng)
+    raise AssertionError(f"not finished after {limit} steps")
+
+
+def _alone(tiny_dir: str, prompt: list[int], params: SamplingParams) -> list[list[int]]:
+    eng = _tiny(tiny_dir, False).engine
+    eng.add_request("x", prompt, params.clone())
+    return _drain(eng)["x"]
+
+
+def test_ids_reused_across_runs_match_a_fresh_engine(tiny_dir: str) -> None:
+    """Fuzzer bug: at the end of a run the last schedule() scheduled nothing (the token in flight
+    ends the request by length), the engine dropped that output and with it the ids finished
+    the step before; the runner kept their rows, and an n > 1 run that reused the ids livelocked."""
+    llm = _tiny(tiny_dir, True, num_gpu_blocks_override=60)
+    prompts = _prompts(8, 4)
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(n=3, temperature=0, max_tokens=10 + 7 * i, ignore_eos=True)
+        llm.engine.add_request("x", prompt, params.clone())
+        assert _drain(llm.engine)["x"] == _alone(tiny_dir, prompt, params)
