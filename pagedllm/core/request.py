@@ -75,6 +75,9 @@ class Request:
         # Async scheduling: tokens that steps in flight will sample for this request, which
         # the host does not know yet (positions are scheduled as if they were; see the scheduler).
         self.num_output_placeholders = 0
+        # Async scheduling: steps scheduled with this request whose output has not come back yet
+        # (at most two: the one in flight and the one just scheduled).
+        self.num_steps_in_flight = 0
 
     @property
     def lora_int_id(self) -> int:

@@ -108,6 +108,9 @@ class Scheduler:
         # tokens on the host (penalties, min_tokens, bad words, grammars) need synchronous steps.
         self.async_scheduling = config.async_scheduling
         self._needs_host_tokens: set[str] = set()
+        # Async scheduling: req_id -> outputs still to come from steps scheduled before that request
+        # finished. They are its outputs, dropped, not a later request's that reuses the id.
+        self._owed_to_finished: dict[str, int] = {}
 
     # ---- admission ---------------------------------------------------------
     def add_request(self, request: Request, fork_from: str | None = None) -> None:
@@ -246,12 +249,21 @@ class Scheduler:
 
     def _advance_scheduled(self, num_scheduled: dict[str, int]) -> None:
         """Async scheduling: count the step's tokens as computed now, and a placeholder for each
-        request whose step samples (its chunk reaches its last position)."""
+        request whose step samples (its chunk reaches its last position).
+
+        Each placeholder is the token of a step in flight; the runner reserved a slot for it in the
+        same step (its row's ``num_tokens`` is ``num_tokens + num_output_placeholders`` here). A
+        placeholder that outlives its step means the two disagree: fail loudly, not loop forever."""
         for req_id, n in num_scheduled.items():
             req = self.requests[req_id]
             req.num_computed_tokens += n
+            req.num_steps_in_flight += 1
             if req.num_computed_tokens >= req.num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1
+                if req.num_output_placeholders > req.num_steps_in_flight:
+                    raise RuntimeError(
+                        f"internal error (async scheduling): {req!r} has {req.num_output_placeholders} output "
+                        f"placeholders but {req.num_steps_in_flight} steps in flight; a step did not sample it")
             self._release_fork_waiters(req)
 
     def _final_length(self, req: Request) -> int:
@@ -455,9 +467,13 @@ class Scheduler:
         sampled = dict(zip(runner_out.req_ids, runner_out.sampled_token_ids))
         spec = sched_out.scheduled_spec_decode_tokens
         for req_id, n in sched_out.num_scheduled_tokens.items():
+            if self._owed_to_finished and self._drop_owed(req_id):
+                continue  # the step ran a request that has finished since; the id may be a new request's
             req = self.requests.get(req_id)
             if req is None or req.is_finished():
                 continue  # aborted or stopped while the step ran
+            if self.async_scheduling:
+                req.num_steps_in_flight -= 1
             new_ids = sampled.get(req_id, [])
             if req.status != RequestStatus.RUNNING:
                 if self.async_scheduling and new_ids:  # preempted by a schedule() that ran beside this step
@@ -496,6 +512,17 @@ class Scheduler:
                     finish_reason=req.get_finished_reason(), stop_reason=req.stop_reason,
                     num_cached_tokens=max(req.num_cached_tokens, 0)))
         return updates
+
+    def _drop_owed(self, req_id: str) -> bool:
+        """True (and one output fewer owed) if this output belongs to a finished request (async)."""
+        left = self._owed_to_finished.get(req_id)
+        if left is None:
+            return False
+        if left == 1:
+            del self._owed_to_finished[req_id]
+        else:
+            self._owed_to_finished[req_id] = left - 1
+        return True
 
     def _late_tokens(self, req: Request, new_ids: list[int], logprobs: LogprobsLists | None) -> RequestUpdate:
         """Async scheduling: the token of a request preempted while its step ran. It still counts
@@ -569,6 +596,10 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         req.status = status
+        if req.num_steps_in_flight:  # async: the steps' outputs still come, under an id that may come back
+            owed = self._owed_to_finished
+            owed[req.request_id] = owed.get(req.request_id, 0) + req.num_steps_in_flight
+            req.num_steps_in_flight = 0
         self._kept_blocks.pop(req.request_id, None)
         self.kv_cache_manager.forget(req)
         self.cpu_block_pool.free(req.request_id)

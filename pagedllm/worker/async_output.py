@@ -47,6 +47,12 @@ class PendingTokens:
     sampled: torch.Tensor  # (num sampling requests,) int64 on the device
     index: dict[str, tuple[int, int]]  # req_id -> (index into sampled, position)
 
+    def drop(self, req_ids: set[str]) -> None:
+        """Forget finished requests' tokens: fed to no step and written to no row (the step's
+        output still lists them; the scheduler drops them)."""
+        for req_id in req_ids:
+            self.index.pop(req_id, None)
+
     def feed(self, batch: FlatBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(flat token indices of ``batch``, their input ids on the device) for the batch's tokens
         at pending positions, or None when the batch has none."""

@@ -169,17 +169,20 @@ class ModelRunner:
         The caller schedules and launches the next step before it calls ``get()`` on this one.
         Requests here never need their previous tokens on the host (the scheduler runs those
         steps synchronously), and no step carries drafts or a grammar bitmask."""
+        # The previous step's tokens feed this step only: the host reads them before the next one.
+        pending, self._pending = self._pending, None
         self._apply_diff(sched)
+        if pending is not None:  # a finished request's token goes nowhere: its id may be a new request's now
+            pending.drop(sched.finished_req_ids)
         if sched.total_num_scheduled_tokens == 0:
             return DoneStep(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         batch = self.input_batch.prepare(sched.num_scheduled_tokens, self.block_size)
         if self.lora is not None:
             self.lora.prepare(batch, self.input_batch)
-        if self._pending is not None:
-            batch.input_id_patch = self._pending.feed(batch, self.device)
+        if pending is not None:
+            batch.input_id_patch = pending.feed(batch, self.device)
         hidden, logits_indices = self._forward(batch)
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
-        self._pending = None
         self._maybe_prompt_logprobs(batch, hidden, out)
         if not len(batch.logits_indices):
             return DoneStep(out)

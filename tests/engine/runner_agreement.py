@@ -12,7 +12,8 @@ def assert_runner_agrees(engine: LLMEngine) -> None:
     scheduling: the step in flight samples it). A row that outlives its request is found by
     the next request that reuses the id."""
     sched = engine.scheduler
-    ib = engine.executor.worker.model_runner.input_batch
+    runner = engine.executor.worker.model_runner
+    ib = runner.input_batch
     ids = [r for r in ib.req_ids if r is not None]
     assert len(set(ids)) == len(ids) == ib.num_reqs, f"two rows under one id: {ids}"
     assert all(ib.req_ids[row] == req_id for req_id, row in ib.req_id_to_row.items())
@@ -21,3 +22,5 @@ def assert_runner_agrees(engine: LLMEngine) -> None:
     for req in sched.running:
         row = ib.req_id_to_row[req.request_id]
         assert ib.num_tokens[row] == req.num_tokens + req.num_output_placeholders, (req, ib.num_tokens[row])
+    if runner._pending is not None:
+        assert set(runner._pending.index) <= set(ids)

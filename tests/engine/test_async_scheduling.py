@@ -44,7 +44,7 @@ def _assert_pool_empty(llm: LLM) -> None:
     kv = llm.engine.scheduler.kv_cache_manager
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
     assert not kv.req_to_blocks and not llm.engine.scheduler.requests
-    assert llm.engine._in_flight is None
+    assert llm.engine._in_flight is None and not llm.engine.scheduler._owed_to_finished
 
 
 def _run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[tuple]]:
@@ -215,3 +215,35 @@ def test_ids_reused_across_runs_match_a_fresh_engine(tiny_dir: str) -> None:
         params = SamplingParams(n=3, temperature=0, max_tokens=10 + 7 * i, ignore_eos=True)
         llm.engine.add_request("x", prompt, params.clone())
         assert _drain(llm.engine)["x"] == _alone(tiny_dir, prompt, params)
+
+
+@pytest.mark.parametrize("how", ["abort", "stop", "abort_then_sync"])
+def test_an_id_reused_while_its_step_is_in_flight_gets_none_of_its_tokens(tiny_dir: str, how: str) -> None:
+    """A request ends (abort, or a stop token) while the step after it is in flight and its id comes
+    back at once: that step's token, reserved slot and fed input id belong to the old request."""
+    rng = random.Random(9)
+    first = [1] + [rng.randrange(3, 256) for _ in range(11)]
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    stop_at = _alone(tiny_dir, first, greedy)[0][5]
+    llm = _tiny(tiny_dir, True)
+    eng = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_at]) if how == "stop" else greedy
+    eng.add_request("x", first, params)
+    old = eng.scheduler.requests["x"]
+    for _ in range(20):
+        finished = any(out.finished for out in eng.step())
+        if finished or (how != "stop" and old.num_output_tokens >= 5):
+            break
+    assert eng._in_flight is not None and "x" in eng._in_flight[0].num_scheduled_tokens
+    # The step in flight samples x's token at position num_tokens + placeholders - 1: make that the new
+    # prompt's last position, whose input id decides the new request's first token.
+    second = [1] + [rng.randrange(3, 256) for _ in range(old.num_tokens + old.num_output_placeholders - 1)]
+    if how != "stop":
+        eng.abort_request("x")
+    # A request that reads its tokens on the host makes the next step() finish the one in flight
+    # before the runner hears of the abort.
+    again = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.2) if how == "abort_then_sync" \
+        else SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eng.add_request("x", second, again.clone())
+    assert _drain(eng)["x"] == _alone(tiny_dir, second, again)
+    _assert_pool_empty(llm)
