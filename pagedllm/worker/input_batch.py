@@ -265,10 +265,15 @@ class InputBatch:
         seq_lens = (starts + counts).astype(np.int32)
         # A request samples when its chunk reaches its last known token: one token, or with
         # k drafts after it, k + 1 (each draft's position and the one after the last).
+        known = self.num_tokens[rows] if num_drafts is None else self.num_tokens[rows] + num_drafts
+        if (seq_lens > known).any():  # the scheduler counts tokens (or async placeholders) this row lacks
+            i = int(np.argmax(seq_lens > known))
+            raise RuntimeError(f"internal error: {req_ids[i]!r} is scheduled up to position {seq_lens[i]} but "
+                               f"its runner row holds {known[i]} tokens")
         if num_drafts is None:
-            num_sampled = (seq_lens == self.num_tokens[rows]).astype(np.int64)
+            num_sampled = (seq_lens == known).astype(np.int64)
         else:
-            num_sampled = np.where(seq_lens == self.num_tokens[rows] + num_drafts, num_drafts + 1, 0)
+            num_sampled = np.where(seq_lens == known, num_drafts + 1, 0)
         one_each = bool((num_sampled == 1).all())
         logits_indices = (query_start_loc[1:] - 1).astype(np.int64) if one_each else \
             flat_logits_indices(query_start_loc, num_sampled)

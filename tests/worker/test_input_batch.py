@@ -7,6 +7,7 @@ named staging buffers' layout.
 """
 
 import numpy as np
+import pytest
 import torch
 
 from pagedllm.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput
@@ -85,6 +86,15 @@ def test_chunked_prefill_samples_only_at_the_end() -> None:
     step = batch.prepare({"a": 4, "b": 1}, BS)
     assert step.num_sampled_tokens.tolist() == [0, 1] and step.logits_indices.tolist() == [4]
     assert step.positions.tolist() == [0, 1, 2, 3, 0] and step.max_query_len == 4
+
+
+def test_a_step_past_the_rows_tokens_is_an_internal_error() -> None:
+    """The scheduler and the runner disagree on a request's tokens (the async livelock: a stale row
+    under a reused id): computing positions the row has no token for must fail, not read stale ids."""
+    batch = InputBatch(capacity=2, max_model_len=16, max_num_blocks=4, vocab_size=100, device=CPU)
+    batch.update_states(_sched(new=[_new("a", [1, 2, 3], [0])]))
+    with pytest.raises(RuntimeError, match="'a' is scheduled up to position 4 but its runner row holds 3"):
+        batch.prepare({"a": 4}, BS)
 
 
 def test_preempted_request_leaves_its_row_and_resumes_with_its_tokens() -> None:
