@@ -5,9 +5,16 @@ searches, aborts and shared prefixes run on an engine with few blocks, a small t
 budget (chunked prefill) and preemption (recompute or swap). Oracles:
 
 - progress: no stretch of 300 steps without a sampled token while work is unfinished;
+- after every step the scheduler and the runner agree on every request (runner_agreement.py);
 - at the end every block, CPU swap block and bookkeeping entry is released;
 - greedy, seeded and beam-search results equal the same request run alone on an
   unpressured engine, token for token.
+
+Async scheduling is fuzzed too, forced on (the CPU runs it as it would a GPU, one step late).
+Beam searches and min_tokens make every step synchronous while they run, so most async cases
+leave them out and steps run ahead through preemption, forks and aborts. Its reference engine,
+reused across runs whose n > 1 samples reuse ids, is where the fuzzer found async scheduling's
+livelock (a runner row left behind under an id that came back).
 
 The last three tests are minimal repros of bugs the fuzzer found (each failed before its fix).
 """
@@ -21,11 +28,13 @@ import torch
 
 from pagedllm import LLM, BeamSearchParams, SamplingParams
 from pagedllm.core.outputs import SchedulerOutput
+from tests.engine.runner_agreement import assert_runner_agrees
 from tests.tiny_llama import save_tiny_llama
 
 BLOCK_SIZE = 16
 MAX_LEN = 256
 STALL_STEPS = 300
+RUN_ALONE_STEPS = 1000  # a lone request of at most 256 tokens, even in chunks of 16, ends well before
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,12 @@ def _llm(model_dir: str, **kwargs) -> LLM:
 
 @pytest.fixture(scope="module")
 def ref_llm(model_dir: str) -> LLM:
-    return _llm(model_dir, num_gpu_blocks_override=400, enable_prefix_caching=False)
+    return _llm(model_dir, num_gpu_blocks_override=400, enable_prefix_caching=False, async_scheduling=False)
+
+
+@pytest.fixture(scope="module")
+def async_ref_llm(model_dir: str) -> LLM:
+    return _llm(model_dir, num_gpu_blocks_override=400, enable_prefix_caching=False, async_scheduling=True)
 
 
 def _run_alone(ref: LLM, kind: str, prompt: list[int], params) -> list:
@@ -52,14 +66,19 @@ def _run_alone(ref: LLM, kind: str, prompt: list[int], params) -> list:
         return [(s.tokens, s.finish_reason) for s in eng.beam_search.pop_output("ref").sequences]
     eng.add_request("ref", prompt, params.clone())
     result = None
-    while eng.has_unfinished_requests():
+    for _ in range(RUN_ALONE_STEPS):  # a livelock fails here, not at the CI timeout
+        if not eng.has_unfinished_requests():
+            return result
         for out in eng.step():
             if out.finished:
                 result = [(c.index, c.token_ids, c.finish_reason) for c in out.outputs]
-    return result
+        assert_runner_agrees(eng)
+    raise AssertionError(f"a request run alone did not finish in {RUN_ALONE_STEPS} steps")
 
 
-def _gen_case(seed: int) -> tuple[dict, list[dict]]:
+def _gen_case(seed: int, host_tokens: bool = True) -> tuple[dict, list[dict]]:
+    """An engine config and requests. ``host_tokens=False``: no beam search and no min_tokens, whose
+    sampling reads the host's tokens (async scheduling runs every step synchronously while they run)."""
     rng = random.Random(seed)
     cfg = dict(num_gpu_blocks_override=rng.randint(8, 40), max_num_seqs=rng.choice([1, 2, 4, 8, 16]),
                max_num_batched_tokens=rng.choice([16, 32, 64]), enable_prefix_caching=rng.random() < 0.6,
@@ -72,7 +91,7 @@ def _gen_case(seed: int) -> tuple[dict, list[dict]]:
         base = rng.choice(bases) if rng.random() < 0.6 else [1]
         prompt = (base + [rng.randrange(3, 256) for _ in range(rng.randint(0, 30))])[:cap // 2]
         max_tokens = rng.randint(1, max(1, min(rng.choice([20, 40]), cap - len(prompt))))
-        if rng.random() < 0.25:
+        if rng.random() < 0.25 and host_tokens:
             kind, mode = "beam", "beam"
             params = BeamSearchParams(beam_width=rng.randint(1, 4), max_tokens=max_tokens,
                                       ignore_eos=rng.random() < 0.5)
@@ -83,7 +102,7 @@ def _gen_case(seed: int) -> tuple[dict, list[dict]]:
                       ignore_eos=rng.random() < 0.3, temperature=0.0 if mode == "greedy" else rng.choice([0.7, 1.0]))
             if mode == "seeded":
                 kw["seed"] = rng.randrange(10**6)
-            if rng.random() < 0.3:
+            if rng.random() < 0.3 and host_tokens:
                 kw["min_tokens"] = rng.randint(0, max_tokens)
             if rng.random() < 0.3:
                 kw["stop_token_ids"] = [rng.randrange(3, 256) for _ in range(rng.randint(1, 8))]
@@ -128,6 +147,7 @@ def _drive(llm: LLM, reqs: list[dict], step_limit: int = 3000) -> tuple[dict, se
                 results[out.request_id] = [(c.index, c.token_ids, c.finish_reason) for c in out.outputs]
         for gid in [g for g, grp in eng.beam_search.groups.items() if grp.output is not None]:
             results[gid] = [(s.tokens, s.finish_reason) for s in eng.beam_search.pop_output(gid).sequences]
+        assert_runner_agrees(eng)
         if num_sampled[0] != last_count:
             last_count, last_progress = num_sampled[0], step
         assert step - last_progress <= STALL_STEPS, f"stall: no token sampled for {STALL_STEPS} steps"
@@ -140,7 +160,7 @@ def _assert_all_released(llm: LLM) -> None:
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
     assert not sched.requests and not sched.cpu_block_pool.req_to_blocks and not sched.paused and not sched.fork_waiters
-    assert not sched.waiting and not sched.running
+    assert not sched.waiting and not sched.running and not sched._owed_to_finished and eng._in_flight is None
     swap = eng.executor.worker.model_runner.swap_space
     assert sched.cpu_block_pool.get_num_free_blocks() == (swap.cpu_caches[0].shape[0] if swap is not None else 0)
     assert not eng.requests and not eng.beam_search.groups and not eng.beam_search.beam_to_group
@@ -161,16 +181,28 @@ def _check_outputs(ref: LLM, reqs: list[dict], results: dict, aborted: set) -> N
             assert got == _run_alone(ref, r["kind"], r["prompt"], params), f"{r['id']} differs from a run alone"
 
 
+def _fuzz(model_dir: str, ref: LLM, seed: int, host_tokens: bool = True) -> None:
+    torch.manual_seed(seed)  # unseeded samples: reproducible runs
+    cfg, reqs = _gen_case(seed, host_tokens)
+    llm = _llm(model_dir, async_scheduling=ref.engine.async_scheduling, **cfg)
+    results, aborted = _drive(llm, reqs)
+    _assert_all_released(llm)
+    _check_outputs(ref, reqs, results, aborted)
+
+
 # Seeds picked to cover swap and recompute preemption, beams, forks and aborts with the
 # current code; each takes well under a second (seed 57 stalled before the livelock fix).
 @pytest.mark.parametrize("seed", [1, 14, 19, 43, 51, 54, 56, 57])
 def test_fuzz_under_cache_pressure(model_dir: str, ref_llm: LLM, seed: int) -> None:
-    torch.manual_seed(seed)  # unseeded samples: reproducible runs
-    cfg, reqs = _gen_case(seed)
-    llm = _llm(model_dir, **cfg)
-    results, aborted = _drive(llm, reqs)
-    _assert_all_released(llm)
-    _check_outputs(ref_llm, reqs, results, aborted)
+    _fuzz(model_dir, ref_llm, seed)
+
+
+# Async steps preempt (swap: seeds 1, 19, 29; recompute: 14, 31, 37) and abort requests in flight;
+# the two cases with beams and min_tokens switch between synchronous and async steps.
+@pytest.mark.parametrize("seed, host_tokens", [(1, False), (14, False), (19, False), (29, False), (31, False),
+                                               (37, False), (1, True), (19, True)])
+def test_fuzz_with_async_scheduling(model_dir: str, async_ref_llm: LLM, seed: int, host_tokens: bool) -> None:
+    _fuzz(model_dir, async_ref_llm, seed, host_tokens)
 
 
 def test_lone_request_does_not_livelock_against_waiting_forks(model_dir: str) -> None:
