@@ -123,7 +123,7 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     device: str = "auto"
     enforce_eager: bool = False
-    # None (auto): off until the livelock noted in resolved_async_scheduling is fixed; True opts in.
+    # None (auto): on with CUDA, off on the CPU (where nothing runs while the host schedules).
     async_scheduling: bool | None = None
     attention_backend: str = "auto"
     quantization: str | None = None
@@ -255,13 +255,18 @@ class EngineArgs:
                           max_cpu_loras=self.max_cpu_loras)
 
     def resolved_async_scheduling(self) -> bool:
-        """``async_scheduling``; None (auto) is off for now: an engine reused across runs with request ids
-        that come back (the fuzz test's reference engine, n > 1) can stop scheduling a request whose output
-        placeholders never resolve. Opt in with ``--async-scheduling`` (measured in benchmarks/RESULTS.md)."""
-        if self.async_scheduling and self.speculative_config is not None:
-            raise ValueError("async_scheduling does not combine with speculative_config yet: "
-                             "drafts are proposed from the host's tokens (use --no-async-scheduling)")
-        return bool(self.async_scheduling)
+        """``async_scheduling``, or auto (None): on where a GPU runs the steps and speculation is off
+        (measured in benchmarks/RESULTS.md)."""
+        if self.async_scheduling is not None:
+            if self.async_scheduling and self.speculative_config is not None:
+                raise ValueError("async_scheduling does not combine with speculative_config yet: "
+                                 "drafts are proposed from the host's tokens (use --no-async-scheduling)")
+            return self.async_scheduling
+        if self.speculative_config is not None or self.device == "cpu":
+            return False
+        import torch  # here, not at import: EngineArgs stays light for the CLI
+
+        return torch.cuda.is_available()
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tensor_parallel_size=self.tensor_parallel_size,
@@ -308,7 +313,7 @@ class EngineArgs:
         add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
         add("--enforce-eager", action="store_true", help="no CUDA graphs")
         add("--async-scheduling", dest="async_scheduling", action=argparse.BooleanOptionalAction, default=None,
-            help="schedule the next step while the GPU runs this one (opt-in for now); None: off")
+            help="schedule the next step while the GPU runs this one; None: on with CUDA, off on the CPU")
         add("--attention-backend", default="auto", choices=["auto", "torch", "cpu_sdpa", "triton"],
             help="auto: Triton on CUDA, cpu_sdpa on the CPU (torch: the slow reference)")
         add("--quantization", "-q", default=None, help="weight quantization method; None: dense weights")

@@ -5,7 +5,7 @@
                 ─► OutputProcessor.process (detokenize, stop strings) ─► RequestOutput (cumulative)
                 ─► Scheduler.finish_requests / free_finished for what the processor ended
 
-Async scheduling (opt-in, `--async-scheduling`): each step schedules and launches step N+1
+Async scheduling (on by default with CUDA): each step schedules and launches step N+1
 (``execute_model_async``) before it finishes step N (its tokens, detokenization, stops), so
 the GPU runs N+1 while the host works on N. A request that ends at N wastes N+1's slot.
 

@@ -137,9 +137,14 @@ def test_stop_strings_and_text_identical_on_the_default_model() -> None:
 def test_config_resolution() -> None:
     assert EngineArgs(device="cpu").resolved_async_scheduling() is False  # auto: off on the CPU
     assert EngineArgs(device="cpu", async_scheduling=True).resolved_async_scheduling() is True
+    # auto: on wherever CUDA runs the steps (device "auto" picks CUDA when there is one)
+    for device in ("auto", "cuda"):
+        assert EngineArgs(device=device).resolved_async_scheduling() is torch.cuda.is_available()
+    assert EngineArgs(device="cuda", async_scheduling=False).resolved_async_scheduling() is False
+    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}
+    assert EngineArgs(device="cuda", speculative_config=ngram).resolved_async_scheduling() is False
     with pytest.raises(ValueError, match="async_scheduling"):
-        EngineArgs(async_scheduling=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                                              "prompt_lookup_max": 2}).resolved_async_scheduling()
+        EngineArgs(async_scheduling=True, speculative_config=ngram).resolved_async_scheduling()
     import argparse
 
     parser = argparse.ArgumentParser()
