@@ -47,10 +47,10 @@ def sgmv_plan(token_slots: np.ndarray, num_blocks: int) -> tuple[np.ndarray, np.
 
 
 @triton.jit
-def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K, W_K, K_PER_SPLIT,
+def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K, K_PER_SPLIT,
                  stride_xt, stride_ws, stride_wn, stride_yt, y_offset,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                 STORE: tl.constexpr):
+                 ATOMIC: tl.constexpr):
     b = tl.program_id(0)
     slot = tl.load(blocks_ptr + b)
     if slot < 0:
@@ -65,25 +65,22 @@ def _sgmv_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, blocks_ptr, blocks_stride, N, K,
     w_base = w_ptr + slot.to(tl.int64) * stride_ws
     # tl.full, not tl.zeros: the interpreter cannot run tl.zeros once triton was imported before it was on.
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, dtype=tl.float32)
-    split = tl.program_id(2)
-    k_begin = split * K_PER_SPLIT  # split-K: this program's share of the reduction
+    k_begin = tl.program_id(2) * K_PER_SPLIT  # split-K: this program's share of the reduction
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        # (BLOCK_K, BLOCK_N): W[slot].T's tile; x's column k multiplies W's column k % W_K (the expand of
-        # split-K partials: x holds W_K-wide partial sums side by side, each times the same W).
-        w = tl.load(w_base + offs_n[None, :] * stride_wn + (offs_k % W_K)[:, None],
-                    mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        w = tl.load(w_base + offs_n[None, :] * stride_wn + offs_k[:, None], mask=n_mask[None, :] & k_mask[:, None],
+                    other=0.0)  # (BLOCK_K, BLOCK_N): W[slot].T's tile
         if IEEE:
             acc += tl.dot(x.to(w.dtype), w, input_precision="ieee")
         else:
             acc += tl.dot(x.to(w.dtype), w)
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + y_offset + split * N + offs_n[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + y_offset + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
-    if STORE:  # the shrink: each split writes its own partial sums (no zeroing, no atomics: deterministic)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if ATOMIC:  # split-K partial sums into an fp32 output
+        tl.atomic_add(y_ptrs, acc, mask=mask)
     else:
         y = tl.load(y_ptrs, mask=mask, other=0.0)
         tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
@@ -93,35 +90,31 @@ def _block(n: int) -> int:
     return max(16, min(64, triton.next_power_of_2(n)))
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor,
-            num_blocks: int, k: int, split_k: int, k_per_split: int, offset: int, store: bool) -> None:
+def sgmv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, blocks: torch.Tensor,
+         num_blocks: int, offset: int = 0) -> None:
+    """y[:, offset:offset+N] += W[slot of each token] @ x, in place, over the first ``num_blocks`` blocks
+    of the plan (``blocks``: (3, capacity) int32). x: (T, K), w: (S, N, K), y: (T, >= offset+N).
+
+    A long reduction (the shrink's K = the layer's input size) is split over up to 16 programs per
+    tile, which add into y atomically: y must then be fp32 (the shrink's zeroed buffer)."""
     if x.stride(1) != 1 or w.stride(2) != 1 or y.stride(1) != 1:
         raise ValueError("sgmv: x, w and y must be contiguous along their last dimension")
-    n = w.shape[1]
-    block_n, block_k = _block(n), _block(min(k, k_per_split))
-    grid = (num_blocks, triton.cdiv(n, block_n), split_k)
-    _sgmv_kernel[grid](x, w, y, perm, blocks, blocks.stride(0), n, k, w.shape[2], k_per_split, x.stride(0),
-                       w.stride(0), w.stride(1), y.stride(0), offset, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-                       BLOCK_K=block_k, IEEE=w.dtype == torch.float32, STORE=store)
-
-
-def shrink_splits(k: int) -> tuple[int, int]:
-    """(splits, K per split) of a shrink over ``k`` inputs: up to 16 programs share the reduction."""
-    block_k = _block(k)
+    n, k = w.shape[1], w.shape[2]
+    block_n, block_k = _block(n), _block(k)
     k_per_split = triton.cdiv(max(block_k, triton.cdiv(k, 16)), block_k) * block_k
-    return triton.cdiv(k, k_per_split), k_per_split
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k > 1 and y.dtype != torch.float32:
+        k_per_split, split_k = triton.cdiv(k, block_k) * block_k, 1
+    grid = (num_blocks, triton.cdiv(n, block_n), split_k)
+    _sgmv_kernel[grid](x, w, y, perm, blocks, blocks.stride(0), n, k, k_per_split, x.stride(0), w.stride(0),
+                       w.stride(1), y.stride(0), offset, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                       IEEE=w.dtype == torch.float32, ATOMIC=split_k > 1)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                   perm: torch.Tensor, blocks: torch.Tensor, num_blocks: int, offset: int = 0) -> torch.Tensor:
-    """Triton twin of ``punica.add_lora`` over the first ``num_blocks`` blocks of the plan (``blocks``:
-    (3, capacity) int32), in two launches: the shrink writes each split's partial sums of x @ A.T side by
-    side into an fp32 buffer, and the expand multiplies all of them by B into y's columns from ``offset``.
-    x: (T, in), lora_a: (S, R, in), lora_b: (S, out, R), y: (T, >= offset + out)."""
-    d_in, rank = lora_a.shape[2], lora_a.shape[1]
-    splits, k_per_split = shrink_splits(d_in)
-    # Rows of tokens without an adapter stay unwritten, and the expand never reads them.
-    h = torch.empty(x.shape[0], splits * rank, device=x.device, dtype=torch.float32)
-    _launch(x, lora_a, h, perm, blocks, num_blocks, d_in, splits, k_per_split, 0, store=True)
-    _launch(h, lora_b, y, perm, blocks, num_blocks, splits * rank, 1, splits * rank, offset, store=False)
+    """Triton twin of ``punica.add_lora``: shrink into fp32 (T, max_rank), expand into y's columns."""
+    h = torch.zeros(x.shape[0], lora_a.shape[1], device=x.device, dtype=torch.float32)
+    sgmv(x, lora_a, h, perm, blocks, num_blocks)
+    sgmv(h, lora_b, y, perm, blocks, num_blocks, offset)
     return y
