@@ -14,6 +14,8 @@ by the parameter's ``weight_loader`` as it is read.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +32,27 @@ from pagedllm.quantization import checkpoint_quantization, get_quantization_conf
 _DUMMY_RANGE = 0.02
 
 
+# Older GPTQ / AWQ checkpoints keep their settings beside config.json (AutoGPTQ, AutoAWQ), as vLLM reads them.
+_QUANT_CONFIG_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+
+
+def _checkpoint_quant_config(model_config: ModelConfig) -> dict | None:
+    """The checkpoint's quantization settings: config.json's ``quantization_config``, else a
+    ``quantize_config.json`` (GPTQ) or ``quant_config.json`` (AWQ) in the model directory."""
+    found = getattr(model_config.hf_config, "quantization_config", None)
+    if found is not None:
+        return found if isinstance(found, dict) else found.to_dict()
+    model_dir = model_config.model
+    if model_config.load_format != "hf" or not model_dir or not os.path.isdir(model_dir):
+        return None
+    for name, method in _QUANT_CONFIG_FILES:
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return {"quant_method": method, **json.load(f)}
+    return None
+
+
 def load_model(model_config: ModelConfig, device: torch.device | str, attn_backend: AttentionBackend) -> nn.Module:
     """The model of ``model_config`` on ``device`` with its weights loaded, in eval mode."""
     device = torch.device(device)
@@ -39,9 +62,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     # "auto" depends on the device (float32 on CPU), which resolve_model may not have known.
     model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, device)
     model_cls = get_model_class(hf_config)
-    hf_quant_config = getattr(hf_config, "quantization_config", None)
-    if hf_quant_config is not None and not isinstance(hf_quant_config, dict):
-        hf_quant_config = hf_quant_config.to_dict()
+    hf_quant_config = _checkpoint_quant_config(model_config)
     quant_config = get_quantization_config(
         checkpoint_quantization(model_config.quantization, hf_quant_config), hf_quant_config
     )

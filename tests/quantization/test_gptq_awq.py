@@ -257,3 +257,21 @@ def test_dummy_weights_load_quantized(tmp_path: Path) -> None:
     weight = layer.quant_method.dequantized_weight(layer)
     assert weight.abs().max() <= 0.02 + 1e-6 and weight.std() > 0.005
     assert len(_greedy(llm, PROMPTS[:1], 3)[0]) == 3
+
+
+@pytest.mark.parametrize(("method", "file"), [("gptq", "quantize_config.json"), ("awq", "quant_config.json")])
+def test_settings_beside_config_json_as_older_checkpoints_keep_them(tmp_path: Path, method: str, file: str) -> None:
+    # AutoGPTQ / AutoAWQ checkpoints from before transformers' quantization_config keep it in its own file.
+    model = tiny_llama()
+    ref.write_checkpoint(model, tmp_path, method, 4, group=32, sym=method == "gptq", v1=method == "gptq")
+    config = json.loads((tmp_path / "config.json").read_text())
+    settings = config.pop("quantization_config")
+    settings.pop("quant_method")
+    if method == "awq":  # AutoAWQ's own names
+        settings["w_bit"], settings["q_group_size"] = settings.pop("bits"), settings.pop("group_size")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / file).write_text(json.dumps(settings))
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128)
+    qkv = llm.engine.executor.worker.model_runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.qweight.dtype == torch.int32
+    assert _greedy(llm, PROMPTS, 8) == _greedy_hf(model, PROMPTS, 8)
