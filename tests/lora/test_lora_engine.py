@@ -12,8 +12,6 @@ from pagedllm import LLM, LoRARequest, SamplingParams
 from tests.lora.peft_adapters import ALL_TARGETS, peft_greedy, save_adapter
 from tests.tiny_llama import tiny_llama
 
-pytest.importorskip("peft")
-
 PROMPTS = [[1, 5, 9, 33, 70, 12], [1, 100, 101, 102], [1, 7, 7, 7, 8, 9, 10, 200, 3], [1, 42],
            [1, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
 NUM_TOKENS = 12

@@ -15,8 +15,6 @@ import pytest
 from tests.lora.peft_adapters import ALL_TARGETS, peft_greedy, save_adapter
 from tests.server.launch import running_server
 
-pytest.importorskip("peft")
-
 PROMPTS = [[1, 9690, 314, 253, 1345, 28, 260], [1, 504, 3458, 282, 4649, 314]]
 NUM_TOKENS = 8
 ADAPTERS = {  # name -> (rank, targets, seed)
