@@ -176,3 +176,16 @@ def tiny_llama_wide() -> torch.nn.Module:
     cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     return LlamaForCausalLM(cfg)
+
+
+def test_adapters_in_a_worker_process(adapters, reference):
+    # --distributed-executor-backend mp: the worker process reads each adapter from its path itself.
+    root, paths = adapters
+    llm = _llm(root, num_gpu_blocks_override=64, distributed_executor_backend="mp")
+    try:
+        params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate(PROMPTS[:2], params, use_tqdm=False,
+                            lora_request=[LoRARequest("all4rs", 2, paths["all4rs"]), None])
+        assert [o.outputs[0].token_ids for o in outs] == [reference["all4rs"][0], reference[None][1]]
+    finally:
+        llm.shutdown()
