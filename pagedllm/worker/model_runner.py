@@ -359,4 +359,19 @@ class ModelRunner:
 
     def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, shape = self.kv_cache_shape(num_blocks)
-        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(num_layers)]
+        return [zeros_on_demand(shape, self.kv_dtype, self.device) for _ in range(num_layers)]
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On the CPU its memory is an anonymous mapping: the kernel hands out zeroed pages
+    as they are first written, so a KV cache counts in the process's resident memory as blocks are
+    used, not all at start (``--cpu-kv-cache-gib`` is a ceiling, not a cost). Elsewhere ``torch.zeros``."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import mmap
+
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    # frombuffer keeps the mapping alive as long as the tensor (and its views) live.
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
