@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -113,5 +114,8 @@ def test_load_and_unload_at_run_time(setup):
 
 def test_lora_metrics(setup):
     _, base_url, _, _ = setup
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    assert 'pagedllm:lora_requests_info{max_lora="2"' in text
+    # The engine's stats reach the server after each step and every second while idle.
+    deadline = time.monotonic() + 30
+    while 'pagedllm:lora_requests_info{max_lora="2"' not in (text := httpx.get(f"{base_url}/metrics", timeout=30).text):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.5)
