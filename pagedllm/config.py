@@ -325,12 +325,7 @@ class EngineArgs:
         # --- end tp ---
         add("--served-model-name", nargs="+", default=None,
             help="model name(s) in the API (the first is reported); None: the model path")
-        # --- lora ---
-        add("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, lora_request)")
-        add("--max-loras", type=int, default=1, help="distinct LoRA adapters in one step (device slots)")
-        add("--max-lora-rank", type=int, default=16, help="largest LoRA rank served")
-        add("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in CPU memory; None: max-loras")
-        # --- end lora ---
+        _add_lora_cli_args(parser)
         add("--skip-tokenizer-init", action="store_true", help="token ids in and out only, no tokenizer")
         add("--chat-template", default=None, help="chat template (a Jinja file or the template); "
                                                   "None: the tokenizer's")
@@ -352,6 +347,15 @@ class EngineArgs:
         if getattr(ns, "model_tag", None):
             kwargs["model"] = ns.model_tag
         return cls(**kwargs)
+
+
+def _add_lora_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-LoRA flags (vLLM's names); ``--lora-modules`` is the server's."""
+    add = parser.add_argument
+    add("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, lora_request)")
+    add("--max-loras", type=int, default=1, help="distinct LoRA adapters in one step (device slots)")
+    add("--max-lora-rank", type=int, default=16, help="largest LoRA rank served")
+    add("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in CPU memory; None: max-loras")
 
 
 # --- speculative decoding ---

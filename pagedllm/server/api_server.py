@@ -266,23 +266,7 @@ def build_app(engine: AsyncEngine, served_model_name: str | list[str] | None = N
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    def model_card(name: str) -> ModelCard:
-        adapter = loras.get(name) if loras is not None else None
-        if adapter is not None:  # vLLM's card of an adapter: its path as root, the base model as parent
-            return ModelCard(id=name, root=adapter.lora_path, parent=names[0],
-                             max_model_len=engine.model_config.max_model_len)
-        return ModelCard(id=name, root=engine.model_config.model, max_model_len=engine.model_config.max_model_len)
-
-    def model_names() -> list[str]:
-        return names + ([a.lora_name for a in loras] if loras is not None else [])
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return ModelList(data=[model_card(name) for name in model_names()]).model_dump()
-
-    if loras is not None and loras.enabled and runtime_updates_allowed():
-        _add_lora_routes(app, loras)
-
+    model_names, model_card = _add_model_routes(app, engine, names, loras)
     _add_extra_routes(app, model_names, model_card, tokenization, health)
 
     @app.post("/v1/completions")
@@ -310,6 +294,30 @@ def _new_app(engine: AsyncEngine, metrics: ServerMetrics, api_key: str | None,
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     return app
+
+
+def _add_model_routes(app: FastAPI, engine: AsyncEngine, names: list[str], loras: LoRAModules | None
+                      ) -> tuple[Callable[[], list[str]], Callable[[str], ModelCard]]:
+    """/v1/models (the base model's names, then each LoRA adapter) and the runtime adapter routes;
+    returns (the names served now, a name's card) for the other routes."""
+
+    def model_card(name: str) -> ModelCard:
+        adapter = loras.get(name) if loras is not None else None
+        if adapter is not None:  # vLLM's card of an adapter: its path as root, the base model as parent
+            return ModelCard(id=name, root=adapter.lora_path, parent=names[0],
+                             max_model_len=engine.model_config.max_model_len)
+        return ModelCard(id=name, root=engine.model_config.model, max_model_len=engine.model_config.max_model_len)
+
+    def model_names() -> list[str]:
+        return names + ([a.lora_name for a in loras] if loras is not None else [])
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return ModelList(data=[model_card(name) for name in model_names()]).model_dump()
+
+    if loras is not None and loras.enabled and runtime_updates_allowed():
+        _add_lora_routes(app, loras)
+    return model_names, model_card
 
 
 def _add_lora_routes(app: FastAPI, loras: LoRAModules) -> None:
