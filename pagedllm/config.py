@@ -96,6 +96,8 @@ class ParallelConfig:
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Where the ranks meet (torch.distributed's init_method, e.g. tcp://host:port); set by the executor.
+    distributed_init_method: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -201,8 +203,18 @@ class EngineArgs:
             size = getattr(self, name)
             if size < 1:
                 raise ValueError(f"{name} must be >= 1, got {size}")
-            if size != 1:  # the layers and KV shapes are per rank already; the executor is not
-                raise ValueError(f"{name}={size} is not supported yet: pagedllm runs on one device (use 1)")
+        if self.tensor_parallel_size * self.pipeline_parallel_size == 1:
+            return
+        # What does not split over ranks yet, refused by name.
+        if self.enable_lora:
+            raise ValueError("enable_lora is not supported with tensor/pipeline parallelism yet (use a world of 1)")
+        spec = self.speculative_config
+        if spec is not None and (spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)):
+            raise ValueError("speculative_config with a draft model is not supported with tensor/pipeline "
+                             "parallelism yet (the n-gram method is)")
+        if self.pipeline_parallel_size > 1 and self.async_scheduling:
+            raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1: the first stage "
+                             "cannot take the last stage's sampled tokens on the device")
 
     # ---- component configs -------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -262,7 +274,7 @@ class EngineArgs:
                 raise ValueError("async_scheduling does not combine with speculative_config yet: "
                                  "drafts are proposed from the host's tokens (use --no-async-scheduling)")
             return self.async_scheduling
-        if self.speculative_config is not None or self.device == "cpu":
+        if self.speculative_config is not None or self.device == "cpu" or self.pipeline_parallel_size > 1:
             return False
         import torch  # here, not at import: EngineArgs stays light for the CLI
 

@@ -50,6 +50,7 @@ from pagedllm.engine.messages import (
     Shutdown,
     StatsSnapshot,
 )
+from pagedllm.executor.errors import ExecutorDeadError
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import BeamSearchParams
 
@@ -221,6 +222,10 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step() + self._finished_beam_searches()
+        except ExecutorDeadError as e:  # a worker is gone: no step can run again
+            self._fail_all(EngineStepError(f"the engine failed while running this request: {e}"))
+            self._mark_dead(e)
+            return
         except Exception as e:  # report to the requests, keep serving
             logger.exception("engine step failed; aborting the %d requests in flight", len(self._live))
             self._fail_all(EngineStepError(f"the engine failed while running this request: {e!r}"))

@@ -68,6 +68,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         from pagedllm.executor.selection import make_executor  # --- tp ---
         from pagedllm.loader import load_tokenizer, resolve_model
+        from pagedllm.models.registry import check_parallel_shapes
 
         self.args = args
         self.model_config: ModelConfig = args.model_config()
@@ -77,6 +78,8 @@ class LLMEngine:
             mc = self.model_config
             phase.detail = (f"{mc.model} ({mc.load_format}, {mc.hf_config.architectures[0]}), "
                             f"max_model_len {mc.max_model_len}")
+            pc = args.parallel_config()
+            check_parallel_shapes(mc.hf_config, pc.tensor_parallel_size, pc.pipeline_parallel_size)
         if not args.skip_tokenizer_init:
             with log_phase(logger, "tokenizer"):
                 self.tokenizer = load_tokenizer(self.model_config)

@@ -1,29 +1,40 @@
 """Multiprocess executor: each rank's worker runs in a process of its own, started
-by the engine (vLLM's ``mp`` backend).
+by the engine (vLLM's ``mp`` backend), all on this host.
 
-Today the world is one rank (``--tensor-parallel-size 1``): the worker runs in a
-child process and the engine talks to it over a pipe. That moves the model's
-Python work off the engine's process, and it is the frame larger worlds slot into.
+The engine talks to each worker over a pipe: a call is pickled once and written
+to every worker's pipe; every rank runs it, and the driver (tensor-parallel rank
+0 of the last pipeline stage) answers with the sampled tokens. The ranks meet
+in torch.distributed (gloo on the CPU, NCCL on GPUs) at a TCP port on
+127.0.0.1 chosen here; their collectives never pass through the engine.
+
+Pipeline parallel: a stage before the last never sees sampled tokens, so the
+next call hands it the tokens the last stage sampled in the previous step.
 
 Failure: a worker that raises or dies makes the call fail with a ``RuntimeError``
-naming its rank, never a hang. Workers die with their parent: each asks the kernel
-for SIGKILL when the parent goes (``PR_SET_PDEATHSIG``), and ``shutdown`` (also
-run when the executor is garbage collected) stops them.
+naming its rank, never a hang (while the others wait in a collective with it).
+Workers die with their parent: each asks the kernel for SIGKILL when the parent
+goes (``PR_SET_PDEATHSIG``), and ``shutdown`` (also run when the executor is
+garbage collected) stops them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import signal
+import socket
+import time
 import traceback
 import weakref
+from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.executor import Executor
+from pagedllm.executor.errors import ExecutorDeadError
+from pagedllm.executor.executor import MultiRankExecutor
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.5  # how often a waiting call checks that the worker is alive
@@ -74,18 +85,16 @@ class _WorkerHandle:
         ctx = multiprocessing.get_context("spawn")  # fork would copy the engine's threads and CUDA state
         self.rank = rank
         self.conn, child_conn = ctx.Pipe()
+        # One host: the local rank (this rank's GPU) is the rank.
         self.process = ctx.Process(target=_worker_main, name=f"pagedllm-worker-{rank}", daemon=True,
                                    args=(child_conn, os.getpid(), configs, rank, rank))
         self.process.start()
         child_conn.close()
 
-    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        self._send((method, args))
-        return self.result(timeout)
-
-    def _send(self, message: Any) -> None:
+    def send_bytes(self, payload: bytes) -> None:
+        """Write a pickled call (``recv`` in the worker unpickles it)."""
         try:
-            self.conn.send(message)
+            self.conn.send_bytes(payload)
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise self._dead_error() from exc
 
@@ -106,18 +115,21 @@ class _WorkerHandle:
             raise RuntimeError(f"worker rank {self.rank} failed:\n{value}")
         return value
 
-    def _dead_error(self) -> RuntimeError:
+    def _dead_error(self) -> ExecutorDeadError:
         self.process.join(_POLL_S)
-        return RuntimeError(f"worker rank {self.rank} died (exit code {self.process.exitcode})")
+        return ExecutorDeadError(f"worker rank {self.rank} died (exit code {self.process.exitcode})")
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         if self.process.is_alive():
             try:
                 self.conn.send(None)
             except OSError:
                 pass
-            self.process.join(_JOIN_TIMEOUT_S)
-        if self.process.is_alive():
+
+    def stop(self, deadline: float) -> None:
+        """Wait for the process until ``deadline`` (time.monotonic), then kill it."""
+        self.process.join(max(0.0, deadline - time.monotonic()))
+        if self.process.is_alive():  # e.g. waiting in a collective for a rank that died
             self.process.kill()
             self.process.join(_JOIN_TIMEOUT_S)
         self.conn.close()
@@ -125,42 +137,81 @@ class _WorkerHandle:
 
 def _stop_all(handles: list[_WorkerHandle]) -> None:
     for handle in handles:
-        handle.stop()
+        handle.ask_to_stop()
+    deadline = time.monotonic() + _JOIN_TIMEOUT_S
+    for handle in handles:
+        handle.stop(deadline)
 
 
-class MultiprocExecutor(Executor):
-    """One worker process per rank on this host; rank 0 (the driver) returns the sampled tokens."""
+def _root_cause(error: RuntimeError, others: list[_WorkerHandle], world_size: int) -> RuntimeError:
+    """A rank's failure, or the death of another rank that caused it (a collective with a dead peer
+    fails on the living ranks first). In a world of more than one any failure is fatal."""
+    deadline = time.monotonic() + 2 * _POLL_S
+    while time.monotonic() < deadline:
+        for handle in others:
+            if not handle.process.is_alive() and not handle.conn.poll():  # gone without a word
+                return handle._dead_error()
+        time.sleep(_POLL_S / 10)
+    if world_size > 1 and not isinstance(error, ExecutorDeadError):
+        return ExecutorDeadError(str(error))
+    return error
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gather_results(handles: list[_WorkerHandle], timeout: float | None = None) -> list[Any]:
+    """Every worker's answer to the call just sent, in rank order. The first worker to raise or die
+    fails the call at once (the others may be waiting for it in a collective)."""
+    results: dict[int, Any] = {}
+    pending = {h.conn: h for h in handles}
+    start = time.monotonic()
+    while pending:
+        for conn in wait(list(pending), timeout=_POLL_S):
+            handle = pending.pop(conn)
+            try:
+                results[handle.rank] = handle.result()
+            except RuntimeError as error:
+                raise _root_cause(error, list(pending.values()), len(handles)) from error
+        if not pending:
+            break
+        for handle in pending.values():
+            if not handle.process.is_alive() and not handle.conn.poll():
+                raise handle._dead_error()
+        if timeout is not None and time.monotonic() - start >= timeout:
+            ranks = ", ".join(str(h.rank) for h in pending.values())
+            raise RuntimeError(f"worker rank(s) {ranks} did not answer within {timeout:.0f} s")
+    return [results[h.rank] for h in handles]
+
+
+class MultiprocExecutor(MultiRankExecutor):
+    """One worker process per rank on this host."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  device_config: DeviceConfig, parallel_config: ParallelConfig | None = None) -> None:
         parallel_config = parallel_config or ParallelConfig()
-        if parallel_config.world_size != 1:
-            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {parallel_config.world_size} "
-                             f"is not supported yet: the mp executor runs one worker process (use 1)")
+        if parallel_config.world_size > 1 and parallel_config.distributed_init_method is None:
+            parallel_config = dataclasses.replace(parallel_config,
+                                                  distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+        self._init_ranks(parallel_config)
         configs = (model_config, cache_config, scheduler_config, device_config, parallel_config)
         self.workers = [_WorkerHandle(rank, configs) for rank in range(parallel_config.world_size)]
         self._finalizer = weakref.finalize(self, _stop_all, self.workers)
         try:
-            for worker in self.workers:
-                worker.result(timeout=_STARTUP_TIMEOUT_S)
+            gather_results(self.workers, timeout=_STARTUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
 
-    def _driver_call(self, method: str, *args: Any) -> Any:
-        return self.workers[0].call(method, *args)
-
-    def determine_num_blocks(self) -> int:
-        return self._driver_call("determine_num_blocks")
-
-    def initialize_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
-        self._driver_call("initialize_cache", num_blocks, num_cpu_blocks)
-
-    def kv_cache_bytes_per_block(self) -> int:
-        return self._driver_call("kv_cache_bytes_per_block")
-
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._driver_call("execute_model", scheduler_output)
+    def _run(self, method: str, args: tuple, earlier_args: tuple | None = None) -> list[Any]:
+        payload = bytes(ForkingPickler.dumps((method, args)))  # pickled once for every rank
+        earlier = payload if earlier_args is None else bytes(ForkingPickler.dumps((method, earlier_args)))
+        for worker in self.workers:
+            worker.send_bytes(earlier if worker.rank < self.driver_rank else payload)
+        return gather_results(self.workers)
 
     def worker_pids(self) -> list[int]:
         return [worker.process.pid for worker in self.workers]

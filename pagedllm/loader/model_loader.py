@@ -75,7 +75,10 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     elif fmt == "gguf":
         from pagedllm.loader.gguf_loader import count_gguf_tensors, iter_gguf_weights
 
-        weights = iter_gguf_weights(model_config.model, hf_config, hf_weight_names(model))
+        names = hf_weight_names(model)
+        if hasattr(model, "other_stage_names"):  # pipeline parallel: known, skipped at load
+            names += model.other_stage_names(names)
+        weights = iter_gguf_weights(model_config.model, hf_config, names)
         model.load_weights(_progress(weights, count_gguf_tensors(model_config.model)))
     elif fmt == "hf":
         from pagedllm.loader.safetensors_loader import count_safetensors, iter_safetensors_weights

@@ -11,6 +11,11 @@ The model sees a flat batch of tokens (prefill chunks and decodes side by
 side) with their positions; all cross-token work happens in the attention
 backend, which reads and writes the paged KV cache.
 
+Pipeline parallelism: each stage builds only its contiguous range of layers (the others are
+``PPMissingLayer`` placeholders, so names keep their checkpoint indices); the first stage embeds, the
+last normalizes and holds the LM head, and a middle stage's forward returns ``(hidden, residual)`` for
+the next. Tensors of another stage's modules are skipped at load.
+
 Checkpoint names are HF's. q/k/v and gate/up are fused into one matmul each,
 so ``load_weights`` routes those tensors to the fused parameter's
 ``weight_loader`` with a shard id (``packed_modules_mapping``).
@@ -29,6 +34,7 @@ from pagedllm.models.layers.activation import SiluAndMul
 from pagedllm.models.layers.embedding import LMHead, VocabEmbedding
 from pagedllm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.models.layers.norm import RMSNorm
+from pagedllm.models.layers.parallel import get_parallel_state, pp_layer_range
 from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
 from pagedllm.quantization.base import QuantizationConfig, copy_weight
 
@@ -137,33 +143,50 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class PPMissingLayer(nn.Module):
+    """The place of a layer another pipeline stage owns (no parameters, never called)."""
+
+    def forward(self, *args: Any) -> None:
+        raise RuntimeError("this layer belongs to another pipeline stage")
+
+
 class LlamaModel(nn.Module):
     def __init__(
         self, config: Any, attn_backend: AttentionBackend, quant_config: QuantizationConfig | None = None
     ) -> None:
         super().__init__()
+        stage = get_parallel_state()
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers, stage.pp_rank, stage.pp_size)
         theta, scaling = rope_parameters(config)
         # One cos/sin table shared by every layer.
         rotary_emb = RotaryEmbedding(get_head_dim(config), config.max_position_embeddings, theta, scaling)
         embed_method = quant_config.get_embedding_method() if quant_config is not None else None
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, quant_method=embed_method)
+        self.embed_tokens = (VocabEmbedding(config.vocab_size, config.hidden_size, quant_method=embed_method)
+                             if stage.is_first_stage else None)
         self.layers = nn.ModuleList(
             [LlamaDecoderLayer(config, rotary_emb, attn_backend, quant_config)
-             for _ in range(config.num_hidden_layers)]
+             if self.start_layer <= i < self.end_layer else PPMissingLayer()
+             for i in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if stage.is_last_stage else None
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[torch.Tensor],  # one per layer of this stage
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,  # the previous stage's output
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if intermediate is None:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        layers = self.layers[self.start_layer:self.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        if self.norm is None:  # not the last stage: the next one continues from here
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -187,18 +210,21 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         self.model = LlamaModel(hf_config, attn_backend, quant_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        # A last stage that is not also the first has no embedding to tie to: its head has its own copy.
         tied_to = self.model.embed_tokens if self.tie_word_embeddings else None
         head_method = quant_config.get_embedding_method() if quant_config is not None and tied_to is None else None
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to, quant_method=head_method)
+        self.lm_head = (LMHead(hf_config.vocab_size, hf_config.hidden_size, tied_to=tied_to, quant_method=head_method)
+                        if get_parallel_state().is_last_stage else None)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # (T,) int64
         positions: torch.Tensor,  # (T,) int64
-        kv_caches: list[torch.Tensor],  # one per layer
+        kv_caches: list[torch.Tensor],  # one per layer of this stage
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # (T, hidden_size)
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,  # pipeline parallel: from the stage before
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (T, hidden_size), or (hidden, residual) mid-pipeline
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, vocab) fp32
         return self.lm_head(hidden).float()
@@ -212,6 +238,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name.startswith("lm_head."):
                 continue  # some tied checkpoints store the shared matrix twice
+            name = self._stage_name(name)
+            if name is None:  # another pipeline stage's tensor
+                continue
             param_name, shard_id = _route(name, self.packed_modules_mapping)
             param = params.get(param_name)
             if param is None:
@@ -231,6 +260,33 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         return {p for p, _ in loaded}
+
+    def _stage_name(self, name: str) -> str | None:
+        """``name`` as this pipeline stage loads it: None for another stage's tensor; the embedding
+        for the LM head of a tied last stage that does not embed."""
+        if name.startswith("model.embed_tokens.") and self.model.embed_tokens is None:
+            tied_head = self.tie_word_embeddings and self.lm_head is not None
+            return "lm_head." + name.removeprefix("model.embed_tokens.") if tied_head else None
+        if (name.startswith("model.norm.") and self.model.norm is None) or (
+                name.startswith("lm_head.") and self.lm_head is None):
+            return None
+        if name.startswith("model.layers."):
+            index = int(name.split(".")[2])
+            if not self.model.start_layer <= index < self.model.end_layer:
+                return None
+        return name
+
+    def other_stage_names(self, own_names: Iterable[str]) -> list[str]:
+        """HF names of the tensors other pipeline stages load (``own_names``: this stage's), so a loader
+        that looks tensors up by name knows them; with one stage, none (a tied head adds the embedding)."""
+        names = [] if self.model.embed_tokens is not None else ["model.embed_tokens.weight"]
+        if self.lm_head is None:
+            names += ["model.norm.weight", "lm_head.weight"]
+        layer_names = {n.split(".", 3)[3] for n in own_names if n.startswith("model.layers.")}
+        for i in range(len(self.model.layers)):
+            if not self.model.start_layer <= i < self.model.end_layer:
+                names += [f"model.layers.{i}.{rest}" for rest in sorted(layer_names)]
+        return names
 
 
 def _expected(params: dict[str, nn.Parameter], model: LlamaForCausalLM) -> set[tuple[str, object]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from pagedllm.models.layers.parallel import divide
+from pagedllm.models.layers.parallel import divide, kv_heads_per_rank, pp_layer_range
 from pagedllm.models.llama import LlamaForCausalLM, get_head_dim
 
 # HF `architectures` entry -> implementation. The Llama family shares one class,
@@ -55,8 +55,20 @@ def get_model_class(hf_config: Any) -> type[nn.Module]:
     return _MODELS[arch]
 
 
-def kv_cache_shape_info(hf_config: Any, tp_size: int = 1) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of one tensor-parallel rank: each of ``tp_size``
-    ranks caches the K/V of its own ``num_kv_heads / tp_size`` heads (QKVParallelLinear's split)."""
+def kv_cache_shape_info(hf_config: Any, tp_size: int = 1, pp_rank: int = 0,
+                        pp_size: int = 1) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of one rank: the layers of its pipeline stage, and the
+    K/V heads of its tensor-parallel share (QKVParallelLinear's split: ``num_kv_heads / tp_size``, or
+    one replicated head when there are more ranks than KV heads)."""
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-    return hf_config.num_hidden_layers, divide(num_kv_heads, tp_size, "num_key_value_heads"), get_head_dim(hf_config)
+    start, end = pp_layer_range(hf_config.num_hidden_layers, pp_rank, pp_size)
+    return end - start, kv_heads_per_rank(num_kv_heads, tp_size), get_head_dim(hf_config)
+
+
+def check_parallel_shapes(hf_config: Any, tp_size: int, pp_size: int) -> None:
+    """A ValueError naming the config field that does not split over ``tp_size`` ranks (attention heads,
+    KV heads, the MLP width) or ``pp_size`` stages (layers), before any worker starts."""
+    divide(hf_config.num_attention_heads, tp_size, "num_attention_heads")
+    divide(hf_config.intermediate_size, tp_size, "intermediate_size")
+    kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp_size)
+    pp_layer_range(hf_config.num_hidden_layers, 0, pp_size)

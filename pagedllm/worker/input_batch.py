@@ -323,6 +323,12 @@ class InputBatch:
             self.token_ids[row, end:end + len(tokens)] = tokens
             self.num_tokens[row] = end + len(tokens)
 
+    def append_tokens_of(self, tokens: dict[str, list[int]]) -> None:
+        """Append tokens sampled elsewhere (by a pipeline's last stage) to the rows of the requests here."""
+        known = [(self.req_id_to_row[r], t) for r, t in tokens.items() if t and r in self.req_id_to_row]
+        if known:
+            self.append_token_lists(np.array([row for row, _ in known]), [t for _, t in known])
+
     def append_sampled(self, batch: FlatBatch, sampled: np.ndarray) -> None:
         """Append the tokens sampled for ``batch`` (in ``logits_indices`` order) to their rows."""
         counts = batch.num_sampled_tokens

@@ -28,6 +28,7 @@ import torch
 from pagedllm.attention.backend import get_backend, kv_bytes
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
+from pagedllm.models.layers.parallel import ParallelState, recv_activations, send_activations
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
 from pagedllm.spec_decode import NgramProposer, Proposer
 from pagedllm.spec_decode.draft_model import DraftModel
@@ -47,14 +48,15 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 device_config: DeviceConfig, device: torch.device, tp_size: int = 1) -> None:
+                 device_config: DeviceConfig, device: torch.device, parallel: ParallelState | None = None) -> None:
         from pagedllm.loader import load_model
 
         self.model_config = model_config
         self.cache_config = cache_config
         self.scheduler_config = scheduler_config
         self.device = device
-        self.tp_size = tp_size  # this rank holds num_kv_heads / tp_size heads of the KV cache
+        # This rank's tensor-parallel share of the KV heads, and its pipeline stage's layers.
+        self.parallel = parallel or ParallelState()
         self.block_size = cache_config.block_size
         self.attn_backend = get_backend(device_config.attention_backend)
         self.model = load_model(model_config, device, self.attn_backend)
@@ -63,7 +65,9 @@ class ModelRunner:
         self.vocab_size = model_config.hf_config.vocab_size
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
-        self.use_cuda_graphs = device.type == "cuda" and not device_config.enforce_eager
+        # Pipeline stages receive and send activations around the forward: eager only.
+        self.use_cuda_graphs = (device.type == "cuda" and not device_config.enforce_eager
+                                and self.parallel.pp_size == 1)
         self.graphs: CudaGraphRunner | None = None
         max_tokens = max(scheduler_config.max_num_batched_tokens, scheduler_config.max_num_seqs)
         max_num_blocks = -(-model_config.max_model_len // self.block_size)
@@ -101,7 +105,9 @@ class ModelRunner:
         """(num_layers, the shape of one layer's KV cache on this rank)."""
         from pagedllm.models.registry import kv_cache_shape_info
 
-        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config, self.tp_size)
+        p = self.parallel
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(self.model_config.hf_config, p.tp_size,
+                                                                 p.pp_rank, p.pp_size)
         return num_layers, (num_blocks, 2, self.block_size, num_kv_heads, head_dim)
 
     @property
@@ -146,6 +152,8 @@ class ModelRunner:
             self.lora.prepare(batch, self.input_batch)
         hidden, logits_indices = self._forward(batch)  # queued on the GPU, not finished
         out = ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids])
+        if not self.parallel.is_last_stage:  # the activations went on to the next stage
+            return out
         if len(batch.logits_indices):
             # Host work that overlaps the forward: no sync until the sampled ids are read.
             md = self.input_batch.sampling_metadata(batch)
@@ -229,9 +237,19 @@ class ModelRunner:
             return self.graphs.run(batch)
         return self._forward_eager(batch)
 
-    def _forward_eager(self, batch: FlatBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_eager(self, batch: FlatBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """A stage before the last sends its (hidden, residual) on and returns None for hidden."""
         input_ids, positions, md, logits_indices = self.buffers.load(batch)
-        return self.model(input_ids, positions, self.kv_caches, md), logits_indices
+        p = self.parallel
+        intermediate = None
+        if not p.is_first_stage:
+            intermediate = recv_activations(len(batch.input_ids), self.model_config.hf_config.hidden_size,
+                                            self.dtype, self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, md, intermediate)
+        if not p.is_last_stage:
+            send_activations(hidden)
+            return None, logits_indices
+        return hidden, logits_indices
 
     def _sample(self, batch: FlatBatch, md: SamplingMetadata, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
         """Sample ``hidden``'s rows (the sampled positions, in ``logits_indices`` order) into ``out``."""
@@ -346,13 +364,15 @@ class ModelRunner:
         scratch_bytes = num_seqs * blocks_per_seq * self.kv_cache_bytes_per_block()
         try:
             hidden, logits_indices = self._forward_eager(batch)
-            logits = self.model.compute_logits(hidden[logits_indices])
-            # The heaviest sampling path (temperature, top-k and top-p: a sort of the logits).
-            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
-            md = SamplingMetadata.build([params] * num_seqs, [[0]] * num_seqs, [[]] * num_seqs, {}, None,
-                                        self.vocab_size, self.device)
-            self.sampler(logits, md)
-            del logits, hidden
+            if hidden is not None:  # a pipeline stage before the last samples nothing
+                logits = self.model.compute_logits(hidden[logits_indices])
+                # The heaviest sampling path (temperature, top-k and top-p: a sort of the logits).
+                params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+                md = SamplingMetadata.build([params] * num_seqs, [[0]] * num_seqs, [[]] * num_seqs, {}, None,
+                                            self.vocab_size, self.device)
+                self.sampler(logits, md)
+                del logits
+            del hidden
         finally:
             self.kv_caches = real_caches
         return scratch_bytes

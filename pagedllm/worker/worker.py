@@ -3,17 +3,22 @@ to size the KV cache, and executes steps.
 
 One worker runs per rank of ``ParallelConfig.world_size``; ``rank`` is its place
 in the whole group and ``local_rank`` its GPU on this host (``cuda:local_rank``).
-Today the executor starts one worker, rank 0.
+In a world of more than one, the worker joins it (torch.distributed at
+``ParallelConfig.distributed_init_method``) before it builds its share of the model.
+Every rank runs every step; the driver (tensor-parallel rank 0 of the last
+pipeline stage) returns the sampled tokens, the others return None.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.models.layers.parallel import ParallelState, destroy_parallel, init_parallel
 from pagedllm.worker.async_output import StepHandle
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -47,9 +52,25 @@ class Worker:
         self.scheduler_config = scheduler_config
         self.device = select_device(device_config, local_rank)
         self.memory_profile: dict[str, float] = {}
+        self.parallel = self._join_world(local_rank)
+        self.is_driver = self.parallel.is_last_stage and self.parallel.tp_rank == 0
         torch.manual_seed(model_config.seed)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device,
-                                        tp_size=self.parallel_config.tensor_parallel_size)
+                                        parallel=self.parallel)
+        # Every rank of the last stage samples: the same seed, the same logits, the same tokens.
+        torch.manual_seed(model_config.seed)
+
+    def _join_world(self, local_rank: int) -> ParallelState:
+        """Join a world of more than one (and take a fair share of this host's CPU threads)."""
+        pc = self.parallel_config
+        if pc.world_size == 1:
+            return ParallelState()
+        if pc.distributed_init_method is None:
+            raise ValueError("parallel_config.distributed_init_method is needed for a world of more than one")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.world_size))
+        return init_parallel(pc.tensor_parallel_size, pc.pipeline_parallel_size, self.rank,
+                             pc.distributed_init_method, self.device)
 
     def determine_num_blocks(self) -> int:
         """KV cache blocks that fit: profiled on a GPU, a fixed budget on the CPU."""
@@ -95,8 +116,18 @@ class Worker:
     def kv_cache_bytes_per_block(self) -> int:
         return self.model_runner.kv_cache_bytes_per_block()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput,
+                      earlier_tokens: dict[str, list[int]] | None = None) -> ModelRunnerOutput | None:
+        """One step. ``earlier_tokens``: the tokens the last stage sampled in the step before, which a
+        stage before it has not seen (pipeline parallel). Returns the output on the driver, else None."""
+        if earlier_tokens:
+            self.model_runner.input_batch.append_tokens_of(earlier_tokens)
+        output = self.model_runner.execute_model(scheduler_output)
+        return output if self.is_driver else None
+
+    def shutdown(self) -> None:
+        if self.parallel_config.world_size > 1:
+            destroy_parallel()
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.model_runner.execute_model_async(scheduler_output)

@@ -47,8 +47,9 @@ def test_backend_is_chosen_like_vllm() -> None:
     assert resolve_backend("mp", 1) == "mp"
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         EngineArgs(distributed_executor_backend="threads")
-    with pytest.raises(ValueError, match="ray"):
-        EngineArgs(distributed_executor_backend="ray")
+    assert resolve_backend(None, 4, local_gpus=8) == "mp"
+    assert resolve_backend(None, 16, local_gpus=8) == "ray"  # more GPUs than this host has
+    assert resolve_backend(None, 2, local_gpus=0) == "mp"  # the CPU
 
 
 def test_mp_matches_in_process_then_a_killed_worker_is_a_clear_error(model_dir: str) -> None:

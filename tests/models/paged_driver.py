@@ -23,8 +23,8 @@ from pagedllm.models.registry import kv_cache_shape_info
 class PagedDriver:
     def __init__(self, model: nn.Module, hf_config, block_size: int, num_blocks: int,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, tp_size: int = 1) -> None:
-        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(hf_config)
-        shape = (num_blocks, 2, block_size, num_kv_heads // tp_size, head_dim)  # this worker's heads
+        num_layers, num_kv_heads, head_dim = kv_cache_shape_info(hf_config, tp_size)
+        shape = (num_blocks, 2, block_size, num_kv_heads, head_dim)  # this worker's heads
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.model, self.block_size, self.device = model, block_size, device
         self.free_blocks = list(range(1, num_blocks))

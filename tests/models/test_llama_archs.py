@@ -111,5 +111,9 @@ def test_cache_geometry_is_per_tensor_parallel_rank(checkpoint):
     layers, kv_heads, head_dim = kv_cache_shape_info(config)
     if kv_heads % 2 == 0:
         assert kv_cache_shape_info(config, tp_size=2) == (layers, kv_heads // 2, head_dim)
-    with pytest.raises(ValueError, match="num_key_value_heads"):
-        kv_cache_shape_info(config, tp_size=kv_heads + 1)
+    # More ranks than KV heads: one replicated head each, when the rank count is a multiple of theirs.
+    assert kv_cache_shape_info(config, tp_size=2 * kv_heads) == (layers, 1, head_dim)
+    if kv_heads > 1:
+        with pytest.raises(ValueError, match="num_key_value_heads"):
+            kv_cache_shape_info(config, tp_size=kv_heads + 1)
+    assert kv_cache_shape_info(config, pp_rank=1, pp_size=2) == (layers - layers // 2, kv_heads, head_dim)

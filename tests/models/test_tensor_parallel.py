@@ -2,7 +2,8 @@
 
 Each worker builds the model with ``set_tensor_parallel(rank, 2)``, loads the
 full HF checkpoint through the weight loaders (which keep only its shard:
-heads of q/k/v, halves of gate/up, input halves of o/down, vocabulary rows)
+heads of q/k/v (a replica of the one KV head when there are more ranks than
+KV heads), halves of gate/up, input halves of o/down, vocabulary rows)
 and runs the paged forward over its own KV heads. The vocabulary size is odd,
 so the last worker's vocabulary slice is padded.
 """
@@ -46,6 +47,8 @@ def _worker(rank: int, directory: str) -> None:
 CONFIGS = {
     "llama-biases-untied": LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
     "qwen2-tied": Qwen2Config(**COMMON, tie_word_embeddings=True),
+    # One KV head, two ranks: each rank holds a replica of it.
+    "llama-mqa-replicated-kv": LlamaConfig(**{**COMMON, "num_key_value_heads": 1}, tie_word_embeddings=False),
 }
 
 

@@ -131,6 +131,7 @@ def test_kv_cache_shape_is_per_tensor_parallel_rank(tmp_path) -> None:
     """A rank of a tensor-parallel group holds num_kv_heads / tp_size heads of every KV block."""
     from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
     from pagedllm.loader import resolve_model
+    from pagedllm.models.layers.parallel import ParallelState
     from pagedllm.worker.model_runner import ModelRunner
 
     (tmp_path / "config.json").write_text(json.dumps(TINY))
@@ -139,7 +140,7 @@ def test_kv_cache_shape_is_per_tensor_parallel_rank(tmp_path) -> None:
     args = (config, CacheConfig(block_size=16), SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
                                                                 max_model_len=128), DeviceConfig(device="cpu"))
     whole = ModelRunner(*args, torch.device("cpu"))
-    half = ModelRunner(*args, torch.device("cpu"), tp_size=2)
+    half = ModelRunner(*args, torch.device("cpu"), parallel=ParallelState(tp_size=2))
     layers, shape = whole.kv_cache_shape(8)
     assert half.kv_cache_shape(8) == (layers, (8, 2, 16, TINY["num_key_value_heads"] // 2, shape[-1]))
     assert shape[3] == TINY["num_key_value_heads"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get_tp_size
+from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get_tp_size, kv_heads_per_rank
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, UnquantizedLinearMethod
 
 
@@ -99,6 +99,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q_proj, k_proj and v_proj in one matmul; each worker owns whole heads.
 
     Output layout per worker: [q (num_heads/tp * head_dim) | k (num_kv_heads/tp * head_dim) | v (same)].
+    With more workers than KV heads each worker holds one KV head, shared by ``tp / num_kv_heads`` workers.
     """
 
     def __init__(
@@ -108,8 +109,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp_size = get_tp_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
-        self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
-        output_size = (num_heads + 2 * num_kv_heads) * head_dim
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp_size)
+        self.first_kv_head = get_tp_rank() * num_kv_heads // tp_size  # of the checkpoint's, on this worker
+        output_size = (num_heads + 2 * self.num_kv_heads * tp_size) * head_dim
         super().__init__(hidden_size, output_size, bias, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
@@ -119,7 +121,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id not in spans:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
-        loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        if shard_id == "q":
+            loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        else:
+            loaded_weight = loaded_weight.narrow(0, self.first_kv_head * self.head_dim, kv_size)
         self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 

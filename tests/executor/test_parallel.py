@@ -1,0 +1,132 @@
+"""Tensor and pipeline parallelism over real processes (gloo on the CPU, fp32): TP=2, PP=2 and
+TP=2 x PP=2 through the mp executor, and TP=2 x PP=2 through Ray actors on a local Ray cluster,
+give greedy tokens identical to one process on a mixed batch with preemption; the default model
+(tied embeddings, GGUF) splits into pipeline stages and into three tensor-parallel ranks; a killed
+worker is a clear error and leaves no process behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineArgs
+from pagedllm.executor.backends import resolve_backend
+from pagedllm.executor.errors import ExecutorDeadError
+from tests.executor.test_mp_executor import _alive
+from tests.tiny_llama import save_tiny_llama
+
+# fp32 and a small KV cache: 12 requests do not fit at once, so some are preempted (recomputed).
+ENGINE = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+              num_gpu_blocks_override=16, block_size=16, max_num_seqs=12, max_num_batched_tokens=64)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """Four layers (two per pipeline stage), 4 query / 2 KV heads (two per tensor-parallel rank)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: str) -> list[list[int]]:
+    llm = LLM(model_dir, **ENGINE)
+    tokens = [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY)]
+    assert llm.engine.scheduler.num_preemptions > 0, "the small cache should force preemption"
+    del llm
+    gc.collect()
+    return tokens
+
+
+def _prompts() -> list[dict]:
+    rng = random.Random(0)
+    return [{"prompt_token_ids": [rng.randrange(3, 256) for _ in range(rng.randint(3, 40))]} for _ in range(12)]
+
+
+def _generate(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY)]
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
+def test_mp_world_matches_one_process(model_dir: str, expected: list[list[int]], tp: int, pp: int) -> None:
+    llm = LLM(model_dir, **ENGINE, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    executor = llm.engine.executor
+    assert len(executor.worker_pids()) == tp * pp and executor.driver_rank == (pp - 1) * tp
+    assert _generate(llm) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    pids = executor.worker_pids()
+    executor.shutdown()
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_killed_rank_is_named_and_takes_the_world_down(model_dir: str) -> None:
+    llm = LLM(model_dir, **ENGINE, tensor_parallel_size=2)
+    pids = llm.engine.executor.worker_pids()
+    os.kill(pids[1], signal.SIGKILL)  # rank 0 then fails in its all-reduce: the report names rank 1
+    start = time.monotonic()
+    with pytest.raises(ExecutorDeadError, match=r"worker rank 1 died \(exit code -9\)"):
+        llm.generate(_prompts()[:2], GREEDY)
+    assert time.monotonic() - start < 30
+    del llm
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_ray_world_matches_one_process(model_dir: str, expected: list[list[int]]) -> None:
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        assert resolve_backend(None, 4) == "ray"  # a connected Ray cluster is used, as vLLM does
+        llm = LLM(model_dir, **ENGINE, tensor_parallel_size=2, pipeline_parallel_size=2)
+        executor = llm.engine.executor
+        assert type(executor).__name__ == "RayExecutor"
+        assert _generate(llm) == expected
+        ray.kill(executor.actors[3])
+        with pytest.raises(ExecutorDeadError, match="worker rank 3 died"):
+            llm.generate(_prompts()[:2], GREEDY)
+        executor.shutdown()
+        deadline = time.monotonic() + 30  # Ray frees resources asynchronously
+        while ray.available_resources().get("CPU") != 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU") == 4  # the actors and placement group are given back
+    finally:
+        ray.shutdown()
+
+
+def test_default_model_in_pipeline_stages_and_tensor_parallel_ranks() -> None:
+    """SmolLM2 (30 layers, 9 heads, 3 KV heads, tied embeddings) from its GGUF file: PP=2 (the last stage
+    loads the tied head from the embedding) and TP=3 give the tokens of one process."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    one = LLM(dtype="float32", device="cpu")
+    expected = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
+    del one
+    gc.collect()
+    for tp, pp in [(1, 2), (3, 1)]:
+        llm = LLM(dtype="float32", device="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected, (tp, pp)
+        llm.engine.executor.shutdown()
+    with pytest.raises(ValueError, match=r"num_attention_heads \(9\) is not divisible"):
+        LLM(dtype="float32", device="cpu", tensor_parallel_size=2)
+
+
+def test_parallel_config_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="distributed_executor_backend='uni'"):
+        EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni")
+    with pytest.raises(ValueError, match="enable_lora"):
+        EngineArgs(tensor_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineArgs(pipeline_parallel_size=2, async_scheduling=True)
+    with pytest.raises(ValueError, match="draft model"):
+        EngineArgs(tensor_parallel_size=2, speculative_config={"model": "x", "num_speculative_tokens": 2})
+    assert not EngineArgs(pipeline_parallel_size=2).resolved_async_scheduling()
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
+        EngineArgs(pipeline_parallel_size=0)
