@@ -53,6 +53,9 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"  # recompute | swap
     # Schedule step N+1 while step N runs (its sampled tokens stay on the device); see core/scheduler.py.
     async_scheduling: bool = False
+    # Async scheduling: steps in flight once a step returns. More than one (pipeline parallel: one per stage,
+    # each stage on its own batch) keeps a request out of a step while an earlier one carries it.
+    max_concurrent_batches: int = 1
     # --- speculative decoding ---
     speculative_config: SpeculativeConfig | None = None  # None: speculation off
     lora_config: LoRAConfig | None = None  # None: LoRA off (--enable-lora)
@@ -212,9 +215,6 @@ class EngineArgs:
         if spec is not None and (spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)):
             raise ValueError("speculative_config with a draft model is not supported with tensor/pipeline "
                              "parallelism yet (the n-gram method is)")
-        if self.pipeline_parallel_size > 1 and self.async_scheduling:
-            raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1: the first stage "
-                             "cannot take the last stage's sampled tokens on the device")
 
     # ---- component configs -------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -255,6 +255,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
             policy=self.scheduling_policy, preemption_mode=self.preemption_mode,
             async_scheduling=self.resolved_async_scheduling(),
+            max_concurrent_batches=self.pipeline_parallel_size,
             speculative_config=self.speculative_config,  # --- speculative decoding ---
             lora_config=self.lora_config(),
         )
@@ -274,7 +275,11 @@ class EngineArgs:
                 raise ValueError("async_scheduling does not combine with speculative_config yet: "
                                  "drafts are proposed from the host's tokens (use --no-async-scheduling)")
             return self.async_scheduling
-        if self.speculative_config is not None or self.device == "cpu" or self.pipeline_parallel_size > 1:
+        if self.speculative_config is not None:
+            return False
+        if self.pipeline_parallel_size > 1:  # the stages work on different batches at once
+            return True
+        if self.device == "cpu":
             return False
         import torch  # here, not at import: EngineArgs stays light for the CLI
 

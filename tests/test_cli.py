@@ -51,7 +51,8 @@ def test_bad_flag_value_is_a_clear_error() -> None:
     assert "block_size must be a power of two" in proc.stderr
 
 
-def test_parallel_sizes_are_refused_until_distributed_lands() -> None:
-    proc = _cli("generate", "hi", "-tp", "2", "--device", "cpu")
+def test_a_tensor_parallel_size_the_model_cannot_split_is_a_clear_error() -> None:
+    proc = _cli("generate", "hi", "-tp", "2", "--device", "cpu")  # SmolLM2 has 9 attention heads
     assert proc.returncode == 1
-    assert "tensor_parallel_size=2 is not supported yet" in proc.stderr
+    assert "num_attention_heads (9) is not divisible by the tensor-parallel size (2)" in proc.stderr
+    assert "Traceback" not in proc.stderr

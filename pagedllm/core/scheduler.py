@@ -282,6 +282,8 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if req.num_steps_in_flight and self.config.max_concurrent_batches > 1:
+                continue  # pipeline parallel: its token comes from a batch still in the pipeline
             placeholders = req.num_output_placeholders
             if placeholders and req.num_tokens + placeholders >= self._final_length(req):
                 continue  # async: the token in flight ends it by length; nothing more to compute
@@ -348,6 +350,9 @@ class Scheduler:
             req = self.waiting.peek()
             if (lora_config and req.lora_int_id and req.lora_int_id not in active_loras
                     and len(active_loras) >= lora_config.max_loras):
+                skipped.append(self.waiting.pop())
+                continue
+            if req.num_steps_in_flight:  # preempted beside a step still in the pipeline: resume with its token
                 skipped.append(self.waiting.pop())
                 continue
             if req.status in _RESUMES_FROM_KV:  # its KV is in place (forked) or on the CPU (swapped)

@@ -153,6 +153,8 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
     router = _Router(outputs)
     loop = EngineLoop(engine, router.emit)
     code = _serve(loop, commands, router)
+    if loop.is_alive():  # marked dead, still ticking: stop it now
+        loop.send(m.Shutdown())
     loop.join(10.0)
     for sock in (commands, *outputs):
         sock.close()
@@ -178,7 +180,7 @@ def _serve(loop: EngineLoop, commands, router: _Router) -> int:  # noqa: ANN001 
     poller.register(commands, zmq.POLLIN)
     pid = os.getpid()
     next_beat = 0.0
-    while loop.is_alive():
+    while loop.is_alive() and loop.dead is None:  # dead (e.g. a worker died): exit, the front ends see it
         now = time.monotonic()
         if now >= next_beat:  # the first one also tells the front ends the engine is ready
             router.emit(m.EngineHeartbeat(loop.stalled_for(), pid))

@@ -223,7 +223,7 @@ class EngineLoop:
         try:
             outputs = self.engine.step() + self._finished_beam_searches()
         except ExecutorDeadError as e:  # a worker is gone: no step can run again
-            self._fail_all(EngineStepError(f"the engine failed while running this request: {e}"))
+            self._fail_all(EngineDeadError(f"the engine stopped: {e}"))
             self._mark_dead(e)
             return
         except Exception as e:  # report to the requests, keep serving

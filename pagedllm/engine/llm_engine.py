@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
         self.async_scheduling = self.scheduler_config.async_scheduling
         # Async scheduling: the launched step whose output the next step() finishes.
-        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        # Launched steps not yet finished, oldest first: at most one, or one per pipeline stage
+        # (pipeline parallel: the stages work on different batches at once).
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
+        self._max_in_flight = self.scheduler_config.max_concurrent_batches
         if self.async_scheduling:
             logger.info("async scheduling: on (the next step is scheduled while the GPU runs this one)")
         config_eos = _as_id_set(getattr(self.model_config.hf_config, "eos_token_id", None))
@@ -259,7 +263,7 @@ class LLMEngine:
                 self.scheduler.free_finished(sid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self.beam_search.has_unfinished_groups() or self._in_flight is not None
+        return bool(self.requests) or self.beam_search.has_unfinished_groups() or bool(self._in_flight)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -271,21 +275,26 @@ class LLMEngine:
             return self._step_sync(failed)
         if self.scheduler.needs_sync_step or self.beam_search.groups:
             # Sampling that reads the host's tokens: finish the step in flight, then go step by step.
-            return self._finish_in_flight(failed) if self._in_flight is not None else self._step_sync(failed)
+            return self._finish_in_flight(failed) if self._in_flight else self._step_sync(failed)
         sched_out = self.scheduler.schedule()
-        launched = None if sched_out.is_empty else (sched_out, self.executor.execute_model_async(sched_out))
-        outputs = self._finish_in_flight(failed)
-        self._in_flight = launched
-        if launched is None and not outputs and not failed:
+        launched = not sched_out.is_empty
+        if launched:
+            self._in_flight.append((sched_out, self.executor.execute_model_async(sched_out)))
+        # Finish the oldest step once the pipe is full, or when there was nothing new to launch.
+        outputs = []
+        if len(self._in_flight) > self._max_in_flight or not launched:
+            outputs = self._finish_in_flight(failed)
+        elif failed:
+            outputs = self._finish_step(None, None, failed)
+        if not launched and not outputs and not failed:
             self.structured_output.wait(_GRAMMAR_WAIT_S)  # --- structured outputs: no busy spin while compiling
         return outputs
 
     def _finish_in_flight(self, failed: list[RequestUpdate]) -> list[RequestOutput]:
-        """Async scheduling: read the launched step's tokens and process them (and ``failed``)."""
-        if self._in_flight is None:
+        """Async scheduling: read the oldest launched step's tokens and process them (and ``failed``)."""
+        if not self._in_flight:
             return self._finish_step(None, None, failed) if failed else []
-        sched_out, handle = self._in_flight
-        self._in_flight = None
+        sched_out, handle = self._in_flight.popleft()
         return self._finish_step(sched_out, handle.get(), failed)
 
     def _step_sync(self, failed: list[RequestUpdate]) -> list[RequestOutput]:

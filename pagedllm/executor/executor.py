@@ -67,20 +67,34 @@ class UniProcExecutor(Executor):
 
 class MultiRankExecutor(Executor):
     """Every rank runs every call; the driver (tensor-parallel rank 0 of the last pipeline stage)
-    answers with the sampled tokens. A subclass delivers calls (``_run``).
+    answers with the sampled tokens. A subclass delivers calls (``_send``) and reads the answers to the
+    oldest outstanding one (``_receive``); steps may be outstanding several at a time (async scheduling,
+    and pipeline parallel where each stage works on its own batch), their answers read in launch order.
 
     Pipeline parallel: a stage before the last never sees sampled tokens, so each step hands those
-    stages the tokens the last stage sampled in the step before (``Worker.execute_model``)."""
+    stages the tokens the last stage sampled in the steps finished since the previous launch
+    (``Worker.execute_model``); a request is never in two steps at once there (the scheduler waits for
+    its token), so its tokens always arrive before its next step."""
 
     def _init_ranks(self, parallel_config: ParallelConfig) -> None:
         self.parallel_config = parallel_config
         self.driver_rank = (parallel_config.pipeline_parallel_size - 1) * parallel_config.tensor_parallel_size
         self._last_sampled: dict[str, list[int]] = {}
+        self._num_launched = self._num_finished = 0
+        self._finished: dict[int, ModelRunnerOutput] = {}  # outputs read before their handle asked
 
     @abstractmethod
-    def _run(self, method: str, args: tuple, earlier_args: tuple | None = None) -> list[Any]:
-        """Run ``method(*args)`` on every rank (``earlier_args`` instead on the ranks before the driver
-        when given); their answers in rank order. A rank that raises or dies is a RuntimeError naming it."""
+    def _send(self, method: str, args: tuple, earlier_args: tuple | None = None) -> None:
+        """Start ``method(*args)`` on every rank (``earlier_args`` instead on the ranks before the driver)."""
+
+    @abstractmethod
+    def _receive(self) -> list[Any]:
+        """Every rank's answer to the oldest call not yet received, in rank order. A rank that raises or
+        dies is an ``ExecutorDeadError`` naming it."""
+
+    def _run(self, method: str, args: tuple) -> list[Any]:
+        self._send(method, args)
+        return self._receive()
 
     def determine_num_blocks(self) -> int:
         return min(self._run("determine_num_blocks", ()))  # every rank must hold every block
@@ -92,10 +106,35 @@ class MultiRankExecutor(Executor):
         return max(self._run("kv_cache_bytes_per_block", ()))  # the stage with the most layers
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        if self.driver_rank == 0:  # one pipeline stage
-            return self._run("execute_model", (scheduler_output,))[0]
-        output = self._run("execute_model", (scheduler_output,), (scheduler_output, self._last_sampled))
-        output = output[self.driver_rank]
-        self._last_sampled = {req_id: tokens for req_id, tokens in zip(output.req_ids, output.sampled_token_ids)
-                              if tokens}
-        return output
+        return self._wait_step(self._launch_step(scheduler_output))
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return _LaunchedStep(self, self._launch_step(scheduler_output))
+
+    def _launch_step(self, scheduler_output: SchedulerOutput) -> int:
+        earlier = None
+        if self.driver_rank:  # pipeline parallel
+            earlier, self._last_sampled = (scheduler_output, self._last_sampled), {}
+        self._send("execute_model", (scheduler_output,), earlier)
+        self._num_launched += 1
+        return self._num_launched - 1
+
+    def _wait_step(self, step: int) -> ModelRunnerOutput:
+        while self._num_finished <= step:
+            output = self._receive()[self.driver_rank]
+            if self.driver_rank:
+                self._last_sampled.update((req_id, tokens) for req_id, tokens
+                                          in zip(output.req_ids, output.sampled_token_ids) if tokens)
+            self._finished[self._num_finished] = output
+            self._num_finished += 1
+        return self._finished.pop(step)
+
+
+class _LaunchedStep:
+    """A step launched on every rank; ``get()`` waits for its answers (StepHandle's interface)."""
+
+    def __init__(self, executor: MultiRankExecutor, step: int) -> None:
+        self.executor, self.step = executor, step
+
+    def get(self) -> ModelRunnerOutput:
+        return self.executor._wait_step(self.step)

@@ -206,12 +206,14 @@ class MultiprocExecutor(MultiRankExecutor):
             self.shutdown()
             raise
 
-    def _run(self, method: str, args: tuple, earlier_args: tuple | None = None) -> list[Any]:
+    def _send(self, method: str, args: tuple, earlier_args: tuple | None = None) -> None:
         payload = bytes(ForkingPickler.dumps((method, args)))  # pickled once for every rank
         earlier = payload if earlier_args is None else bytes(ForkingPickler.dumps((method, earlier_args)))
         for worker in self.workers:
             worker.send_bytes(earlier if worker.rank < self.driver_rank else payload)
-        return gather_results(self.workers)
+
+    def _receive(self) -> list[Any]:
+        return gather_results(self.workers)  # each pipe answers its calls in order
 
     def worker_pids(self) -> list[int]:
         return [worker.process.pid for worker in self.workers]

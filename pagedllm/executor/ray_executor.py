@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import weakref
+from collections import deque
 from typing import Any
 
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
@@ -131,18 +132,23 @@ class RayExecutor(MultiRankExecutor):
             port = ray.get(self.actors[0].free_port.remote())
             parallel_config = dataclasses.replace(parallel_config, distributed_init_method=f"tcp://{ips[0]}:{port}")
         self._init_ranks(parallel_config)
+        self._outstanding: deque[list] = deque()  # each launched call's refs, oldest first
         # Ray gives each GPU actor one visible device: its local rank is 0.
         pending = [actor.init_worker.remote((*configs, parallel_config), rank, 0)
                    for rank, actor in enumerate(self.actors)]
         self._gather(pending, timeout=_STARTUP_TIMEOUT_S)
 
-    def _run(self, method: str, args: tuple, earlier_args: tuple | None = None) -> list[Any]:
+    def _send(self, method: str, args: tuple, earlier_args: tuple | None = None) -> None:
         import ray
 
         refs = [ray.put(a) for a in args]  # in the object store once, read by every actor
         earlier = refs if earlier_args is None else [ray.put(a) for a in earlier_args]
-        return self._gather([actor.execute.remote(method, *(earlier if rank < self.driver_rank else refs))
-                             for rank, actor in enumerate(self.actors)])
+        # An actor runs one caller's calls in the order they were made.
+        self._outstanding.append([actor.execute.remote(method, *(earlier if rank < self.driver_rank else refs))
+                                  for rank, actor in enumerate(self.actors)])
+
+    def _receive(self) -> list[Any]:
+        return self._gather(self._outstanding.popleft())
 
     def _gather(self, pending: list, timeout: float | None = None) -> list[Any]:
         """Every rank's answer in rank order; the first rank to fail fails the call at once."""

@@ -324,7 +324,11 @@ class InputBatch:
             self.num_tokens[row] = end + len(tokens)
 
     def append_tokens_of(self, tokens: dict[str, list[int]]) -> None:
-        """Append tokens sampled elsewhere (by a pipeline's last stage) to the rows of the requests here."""
+        """Append tokens sampled elsewhere (by a pipeline's last stage) to the requests here: to their rows,
+        or to what a request preempted since its step keeps for its return."""
+        for req_id, toks in tokens.items():
+            if req_id in self.preempted:
+                self.preempted[req_id].output_token_ids.extend(toks)
         known = [(self.req_id_to_row[r], t) for r, t in tokens.items() if t and r in self.req_id_to_row]
         if known:
             self.append_token_lists(np.array([row for row, _ in known]), [t for _, t in known])

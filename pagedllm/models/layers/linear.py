@@ -28,6 +28,13 @@ from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, UnquantizedLinearMethod
 
 
+def _rows_of_rank(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """A checkpoint shard's rows that ``rank`` of ``size`` owns (a per-tensor scale is everyone's)."""
+    if size == 1 or tensor.numel() == 1:
+        return tensor
+    return tensor.chunk(size, 0)[rank]
+
+
 class LinearBase(nn.Module):
     """``y = x @ W.T + b``; ``tp_dim`` is the weight dimension split across workers (None: replicated)."""
 
@@ -91,7 +98,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
+        loaded_weight = _rows_of_rank(loaded_weight, self.tp_rank, self.tp_size)
         self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 
@@ -122,8 +129,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
         if shard_id == "q":
-            loaded_weight = loaded_weight.chunk(self.tp_size, 0)[self.tp_rank]
-        else:
+            loaded_weight = _rows_of_rank(loaded_weight, self.tp_rank, self.tp_size)
+        elif self.tp_size > 1 and loaded_weight.numel() > 1:  # not a per-tensor scale
             loaded_weight = loaded_weight.narrow(0, self.first_kv_head * self.head_dim, kv_size)
         self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
