@@ -71,6 +71,7 @@ class _StepPlan:
     """What one schedule() call has decided so far: the budget left and the requests it took."""
 
     budget: int
+    max_reqs: int  # requests in this step (pipeline parallel: a share of max_num_seqs per batch in flight)
     num_scheduled: dict[str, int] = field(default_factory=dict)
     new_reqs: list[NewRequestData] = field(default_factory=list)
     cached_reqs: list[CachedRequestData] = field(default_factory=list)
@@ -223,7 +224,9 @@ class Scheduler:
         count as computed at once, and a step that reaches a request's last position adds an
         output placeholder: the next step computes that position with the token the GPU feeds
         it, and ``update_from_output`` swaps the placeholder for the token when it arrives."""
-        plan = _StepPlan(self.config.max_num_batched_tokens)
+        # Pipeline parallel: each batch in flight takes its share of the sequences, so the stages all have one.
+        depth = self.config.max_concurrent_batches if self.async_scheduling else 1
+        plan = _StepPlan(self.config.max_num_batched_tokens, max_reqs=-(-self.config.max_num_seqs // depth))
         self._schedule_running(plan)
         if not plan.preempted:  # a step that had to preempt admits nothing new
             self._schedule_waiting(plan)
@@ -278,7 +281,7 @@ class Scheduler:
         num_scheduled, cached_reqs, preempted = plan.num_scheduled, plan.cached_reqs, plan.preempted
         scheduled_running: list[Request] = []
         for req in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(num_scheduled) >= plan.max_reqs:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -346,7 +349,8 @@ class Scheduler:
         lora_config = self.config.lora_config
         active_loras = {r.lora_int_id for r in self.running} - {0} if lora_config else set()
         skipped: list[Request] = []
-        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(plan.num_scheduled) < plan.max_reqs):
             req = self.waiting.peek()
             if (lora_config and req.lora_int_id and req.lora_int_id not in active_loras
                     and len(active_loras) >= lora_config.max_loras):

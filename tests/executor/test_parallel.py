@@ -57,8 +57,19 @@ def test_mp_world_matches_one_process(model_dir: str, expected: list[list[int]],
     llm = LLM(model_dir, **ENGINE, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     executor = llm.engine.executor
     assert len(executor.worker_pids()) == tp * pp and executor.driver_rank == (pp - 1) * tp
+    in_flight, launch = [], executor._launch_step
+
+    def counting_launch(scheduler_output):
+        step = launch(scheduler_output)
+        in_flight.append(executor._num_launched - executor._num_finished)
+        return step
+
+    executor._launch_step = counting_launch
     assert _generate(llm) == expected
     assert llm.engine.scheduler.num_preemptions > 0
+    # Pipeline stages work on different batches at once (one per stage, and the next one queued);
+    # without stages (on the CPU, no async scheduling) one step at a time.
+    assert max(in_flight) == (pp + 1 if pp > 1 else 1)
     pids = executor.worker_pids()
     executor.shutdown()
     assert not any(_alive(pid) for pid in pids)
