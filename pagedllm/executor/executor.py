@@ -5,10 +5,12 @@ Ray actors on a cluster, ray_executor.py), every rank running every call."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pagedllm.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagedllm.executor.errors import ExecutorDeadError
 
 if TYPE_CHECKING:
     from pagedllm.worker.async_output import StepHandle
@@ -81,6 +83,9 @@ class MultiRankExecutor(Executor):
         self.driver_rank = (parallel_config.pipeline_parallel_size - 1) * parallel_config.tensor_parallel_size
         self._last_sampled: dict[str, list[int]] = {}
         self._num_launched = self._num_finished = 0
+        # What each outstanding call's answer carries, oldest first: a step's output, or nothing (None).
+        self._answers: deque[int | None] = deque()
+        self._deferred: int | None = None  # the step the workers launched but answer for only later
         self._finished: dict[int, ModelRunnerOutput] = {}  # outputs read before their handle asked
 
     @abstractmethod
@@ -106,26 +111,56 @@ class MultiRankExecutor(Executor):
         return max(self._run("kv_cache_bytes_per_block", ()))  # the stage with the most layers
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self._wait_step(self._launch_step(scheduler_output))
+        return self._wait_step(self._launch_step(scheduler_output, on_device=False))
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        return _LaunchedStep(self, self._launch_step(scheduler_output))
+        """One stage: the workers run the step asynchronously too (``Worker.execute_model_deferred``: step N's
+        answer comes once N+1 is queued behind it on the device). Pipeline stages run each step
+        synchronously: there the overlap is between stages."""
+        return _LaunchedStep(self, self._launch_step(scheduler_output, on_device=self.driver_rank == 0))
 
-    def _launch_step(self, scheduler_output: SchedulerOutput) -> int:
+    def _launch_step(self, scheduler_output: SchedulerOutput, on_device: bool) -> int:
+        step = self._num_launched
+        self._num_launched += 1
+        if on_device:
+            self._send("execute_model_deferred", (scheduler_output,))
+            self._answers.append(self._deferred)  # this call answers for the step launched before it
+            self._deferred = step
+            return step
+        self._finish_deferred()
         earlier = None
         if self.driver_rank:  # pipeline parallel
             earlier, self._last_sampled = (scheduler_output, self._last_sampled), {}
         self._send("execute_model", (scheduler_output,), earlier)
-        self._num_launched += 1
-        return self._num_launched - 1
+        self._answers.append(step)
+        return step
+
+    def _finish_deferred(self) -> None:
+        """Ask the workers for the deferred step's answer (no step is launched behind it)."""
+        if self._deferred is not None:
+            self._send("finish_deferred", ())
+            self._answers.append(self._deferred)
+            self._deferred = None
 
     def _wait_step(self, step: int) -> ModelRunnerOutput:
-        while self._num_finished <= step:
-            output = self._receive()[self.driver_rank]
+        while step not in self._finished:
+            if not self._answers:
+                self._finish_deferred()
+            carries = self._answers.popleft()
+            try:
+                output = self._receive()[self.driver_rank]
+            except ExecutorDeadError:
+                raise
+            except RuntimeError as e:  # mid-pipeline, the calls and answers no longer pair up
+                if self._answers or self._deferred is not None:
+                    raise ExecutorDeadError(str(e)) from e
+                raise
+            if carries is None:
+                continue
             if self.driver_rank:
                 self._last_sampled.update((req_id, tokens) for req_id, tokens
                                           in zip(output.req_ids, output.sampled_token_ids) if tokens)
-            self._finished[self._num_finished] = output
+            self._finished[carries] = output
             self._num_finished += 1
         return self._finished.pop(step)
 

@@ -54,6 +54,7 @@ class Worker:
         self.memory_profile: dict[str, float] = {}
         self.parallel = self._join_world(local_rank)
         self.is_driver = self.parallel.is_last_stage and self.parallel.tp_rank == 0
+        self._launched: StepHandle | None = None  # execute_model_deferred's step, answered for later
         torch.manual_seed(model_config.seed)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device,
                                         parallel=self.parallel)
@@ -123,6 +124,20 @@ class Worker:
         if earlier_tokens:
             self.model_runner.input_batch.append_tokens_of(earlier_tokens)
         output = self.model_runner.execute_model(scheduler_output)
+        return output if self.is_driver else None
+
+    def execute_model_deferred(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Launch a step on the device, then finish the step launched before it and return that one's
+        output (None for none, and on every rank but the driver): a worker in a process of its own reads
+        step N's tokens only once step N+1 is queued behind it (async scheduling)."""
+        previous, self._launched = self._launched, self.model_runner.execute_model_async(scheduler_output)
+        output = previous.get() if previous is not None else None
+        return output if self.is_driver else None
+
+    def finish_deferred(self) -> ModelRunnerOutput | None:
+        """The output of the step ``execute_model_deferred`` launched last (no step follows it yet)."""
+        previous, self._launched = self._launched, None
+        output = previous.get() if previous is not None else None
         return output if self.is_driver else None
 
     def shutdown(self) -> None:

@@ -52,15 +52,20 @@ def _generate(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(_prompts(), GREEDY)]
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)])
-def test_mp_world_matches_one_process(model_dir: str, expected: list[list[int]], tp: int, pp: int) -> None:
-    llm = LLM(model_dir, **ENGINE, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+@pytest.mark.parametrize(("tp", "pp", "async_scheduling"),
+                         [(1, 1, True), (2, 1, None), (2, 1, True), (1, 2, None), (2, 2, None)])
+def test_mp_world_matches_one_process(model_dir: str, expected: list[list[int]], tp: int, pp: int,
+                                      async_scheduling: bool | None) -> None:
+    """Async scheduling is off by default on the CPU without stages (on with them); forced on (as on a GPU),
+    the engine launches step N+1 before it reads step N, and the workers answer for N once N+1 is queued."""
+    llm = LLM(model_dir, **ENGINE, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              async_scheduling=async_scheduling, distributed_executor_backend="mp")
     executor = llm.engine.executor
     assert len(executor.worker_pids()) == tp * pp and executor.driver_rank == (pp - 1) * tp
     in_flight, launch = [], executor._launch_step
 
-    def counting_launch(scheduler_output):
-        step = launch(scheduler_output)
+    def counting_launch(scheduler_output, on_device):
+        step = launch(scheduler_output, on_device)
         in_flight.append(executor._num_launched - executor._num_finished)
         return step
 
@@ -69,7 +74,7 @@ def test_mp_world_matches_one_process(model_dir: str, expected: list[list[int]],
     assert llm.engine.scheduler.num_preemptions > 0
     # Pipeline stages work on different batches at once (one per stage, and the next one queued);
     # without stages (on the CPU, no async scheduling) one step at a time.
-    assert max(in_flight) == (pp + 1 if pp > 1 else 1)
+    assert max(in_flight) == (pp + 1 if pp > 1 else 2 if async_scheduling else 1)
     pids = executor.worker_pids()
     executor.shutdown()
     assert not any(_alive(pid) for pid in pids)
