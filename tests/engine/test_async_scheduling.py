@@ -44,7 +44,7 @@ def _assert_pool_empty(llm: LLM) -> None:
     kv = llm.engine.scheduler.kv_cache_manager
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
     assert not kv.req_to_blocks and not llm.engine.scheduler.requests
-    assert llm.engine._in_flight is None and not llm.engine.scheduler._owed_to_finished
+    assert not llm.engine._in_flight and not llm.engine.scheduler._owed_to_finished
 
 
 def _run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[tuple]]:
@@ -239,7 +239,7 @@ def test_an_id_reused_while_its_step_is_in_flight_gets_none_of_its_tokens(tiny_d
         finished = any(out.finished for out in eng.step())
         if finished or (how != "stop" and old.num_output_tokens >= 5):
             break
-    assert eng._in_flight is not None and "x" in eng._in_flight[0].num_scheduled_tokens
+    assert len(eng._in_flight) == 1 and "x" in eng._in_flight[0][0].num_scheduled_tokens
     # The step in flight samples x's token at position num_tokens + placeholders - 1: make that the new
     # prompt's last position, whose input id decides the new request's first token.
     second = [1] + [rng.randrange(3, 256) for _ in range(old.num_tokens + old.num_output_placeholders - 1)]

@@ -160,7 +160,7 @@ def _assert_all_released(llm: LLM) -> None:
     assert kv.block_pool.get_num_free_blocks() == kv.num_blocks
     assert all(b.ref_cnt == 0 for b in kv.block_pool.blocks)
     assert not sched.requests and not sched.cpu_block_pool.req_to_blocks and not sched.paused and not sched.fork_waiters
-    assert not sched.waiting and not sched.running and not sched._owed_to_finished and eng._in_flight is None
+    assert not sched.waiting and not sched.running and not sched._owed_to_finished and not eng._in_flight
     swap = eng.executor.worker.model_runner.swap_space
     assert sched.cpu_block_pool.get_num_free_blocks() == (swap.cpu_caches[0].shape[0] if swap is not None else 0)
     assert not eng.requests and not eng.beam_search.groups and not eng.beam_search.beam_to_group
