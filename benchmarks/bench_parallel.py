@@ -41,7 +41,8 @@ def _run(config: str, args: argparse.Namespace, prompts: list[dict]) -> float:
               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
               **_engine_kwargs(config))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    # Warm-up at full size (a tiny one left the first timed run with one-off costs on the H200: 0.68x).
+    llm.generate(prompts[:args.max_num_seqs], params, use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start

@@ -67,7 +67,6 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        from pagedllm.executor.selection import make_executor  # --- tp ---
         from pagedllm.loader import load_tokenizer, resolve_model
         from pagedllm.models.registry import check_parallel_shapes
 
@@ -88,27 +87,12 @@ class LLMEngine:
             self.tokenizer = None
         self.cache_config = args.cache_config()
         self.scheduler_config = args.scheduler_config(self.model_config.max_model_len)
-        with log_phase(logger, "weights") as phase:  # the worker loads the model as it is built
-            # --- tp ---
-            self.executor = make_executor(args.distributed_executor_backend, self.model_config, self.cache_config,
-                                          self.scheduler_config, args.device_config(), args.parallel_config())
-            # --- end tp ---
-            phase.detail = f"{self.model_config.torch_dtype}".removeprefix("torch.")
-        with log_phase(logger, "memory profile"):
-            num_blocks = self.executor.determine_num_blocks()
-        num_cpu_blocks = 0
-        if self.scheduler_config.preemption_mode == "swap":
-            num_cpu_blocks = int(self.cache_config.swap_space * (1 << 30) // self.executor.kv_cache_bytes_per_block())
-        _check_kv_cache_fits(self.model_config.max_model_len, num_blocks, self.cache_config)
-        with log_phase(logger, "KV cache") as phase:  # on a GPU this includes the CUDA graph capture
-            phase.detail = f"{num_blocks} blocks"
-            self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        num_blocks, num_cpu_blocks = self._start_workers(args)
         # Request lines and periodic stats (engine/stat_logger.py); `pagedllm serve` turns them on.
         self.stat_logger = None if args.disable_log_stats else StatLogger()
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks, num_cpu_blocks)
         self.async_scheduling = self.scheduler_config.async_scheduling
-        # Async scheduling: the launched step whose output the next step() finishes.
-        # Launched steps not yet finished, oldest first: at most one, or one per pipeline stage
+        # Async scheduling: launched steps not yet finished, oldest first: at most one, or one per pipeline stage
         # (pipeline parallel: the stages work on different batches at once).
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self._max_in_flight = self.scheduler_config.max_concurrent_batches
@@ -131,6 +115,26 @@ class LLMEngine:
             from pagedllm.spec_decode.metrics import SpecDecodingLogger
 
             self.spec_logger = SpecDecodingLogger()
+
+    def _start_workers(self, args: EngineArgs) -> tuple[int, int]:
+        """The executor and its workers (the model loads as they start), the KV cache sized from their
+        memory profiles; returns (device blocks, CPU swap blocks)."""
+        from pagedllm.executor.selection import make_executor
+
+        with log_phase(logger, "weights") as phase:
+            self.executor = make_executor(args.distributed_executor_backend, self.model_config, self.cache_config,
+                                          self.scheduler_config, args.device_config(), args.parallel_config())
+            phase.detail = f"{self.model_config.torch_dtype}".removeprefix("torch.")
+        with log_phase(logger, "memory profile"):
+            num_blocks = self.executor.determine_num_blocks()
+        num_cpu_blocks = 0
+        if self.scheduler_config.preemption_mode == "swap":
+            num_cpu_blocks = int(self.cache_config.swap_space * (1 << 30) // self.executor.kv_cache_bytes_per_block())
+        _check_kv_cache_fits(self.model_config.max_model_len, num_blocks, self.cache_config)
+        with log_phase(logger, "KV cache") as phase:  # on a GPU this includes the CUDA graph capture
+            phase.detail = f"{num_blocks} blocks"
+            self.executor.initialize_cache(num_blocks, num_cpu_blocks)
+        return num_blocks, num_cpu_blocks
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

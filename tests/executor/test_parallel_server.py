@@ -1,6 +1,7 @@
 """`pagedllm serve -pp 2` on the default model: the real server and the openai client get the tokens
 of one process; a killed worker fails the request in flight with a clear 503 and turns /health 503
-(with --no-exit-on-engine-death; by default the server then exits 1 for a supervisor to restart it)."""
+(with --no-exit-on-engine-death; by default the server then exits 1 for a supervisor to restart it);
+no rank outlives the server, after a worker's death or a SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from tests.executor.test_mp_executor import _alive
 from tests.server.launch import server_process
 
 PROMPT = "The capital of France is"
@@ -73,3 +75,20 @@ def test_pipeline_parallel_server_answers_then_a_dead_worker_is_a_clear_503(tmp_
         while httpx.get(f"{base}/health", timeout=5).status_code != 503:
             assert time.monotonic() < deadline, "/health did not turn 503"
             time.sleep(0.2)
+    deadline = time.monotonic() + 10  # the surviving rank goes with the engine: no orphan
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_sigterm_stops_every_rank(tmp_path: Path) -> None:
+    with server_process(tmp_path / "server.log", "--dtype", "float32", "--device", "cpu",
+                        "--pipeline-parallel-size", "2") as (proc, _):
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2, workers
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)
