@@ -59,6 +59,21 @@ class QuantizationMethod(ABC):
         """Store ``loaded_weight`` (this worker's slice of a checkpoint tensor) in ``param``;
         ``output_span`` (offset, size) along the output dim for one shard of a fused layer."""
 
+    def shard(self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
+              out_span: tuple[int, int] | None = None, in_span: tuple[int, int] | None = None) -> torch.Tensor:
+        """This tensor-parallel rank's part of a checkpoint tensor: outputs ``out_span`` (start, size) or
+        inputs ``in_span``, counted in the float weight's elements, cut from the tensor in its own layout.
+        Here: (output, input) matrices, and tensors along the outputs only (biases, per-channel scales of
+        shape (N,) or (N, 1)); a per-tensor scale (one element) is every rank's."""
+        if loaded_weight.numel() == 1:
+            return loaded_weight
+        if out_span is not None:
+            loaded_weight = loaded_weight.narrow(0, *out_span)
+        full_input = layer.input_size * layer.tp_size
+        if in_span is not None and loaded_weight.dim() >= 2 and loaded_weight.shape[1] == full_input:
+            loaded_weight = loaded_weight.narrow(1, *in_span)
+        return loaded_weight
+
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x`` (..., input_size) -> (..., output_size)."""

@@ -19,7 +19,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.executor.backends import resolve_backend
 from pagedllm.executor.errors import ExecutorDeadError
 from tests.executor.test_mp_executor import _alive
-from tests.tiny_llama import save_tiny_llama
+from tests.tiny_llama import save_tiny_llama, tiny_llama
 
 # fp32 and a small KV cache: 12 requests do not fit at once, so some are preempted (recomputed).
 ENGINE = dict(device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=256,
@@ -144,3 +144,48 @@ def test_parallel_config_errors_name_the_field() -> None:
     assert EngineArgs(pipeline_parallel_size=2, device="cpu").resolved_async_scheduling()  # batches in flight
     with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineArgs(pipeline_parallel_size=0)
+
+
+@pytest.mark.parametrize(("method", "bits", "group", "v1"), [("gptq", 4, 32, True), ("gptq", 8, 16, False),
+                                                             ("awq", 4, 32, False)])
+def test_gptq_and_awq_checkpoints_split_over_two_ranks(tmp_path, method: str, bits: int, group: int,
+                                                       v1: bool) -> None:
+    """Each rank cuts the packed tensors in their own layouts (outputs: columns, packed in AWQ's qweight and
+    every qzeros; inputs: GPTQ's packed rows, AWQ's rows, and the groups of the rank's inputs)."""
+    from tests.quantization import gptq_reference as ref
+
+    ref.write_checkpoint(tiny_llama(), tmp_path, method, bits, group=group, sym=v1, v1=v1)
+    one = LLM(str(tmp_path), **ENGINE)
+    expected = [o.outputs[0].token_ids for o in one.generate(_prompts()[:6], GREEDY)]
+    del one
+    gc.collect()
+    two = LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2)
+    assert [o.outputs[0].token_ids for o in two.generate(_prompts()[:6], GREEDY)] == expected
+    two.engine.executor.shutdown()
+
+
+def test_act_order_checkpoints_are_refused_with_tensor_parallelism(tmp_path) -> None:
+    from tests.quantization import gptq_reference as ref
+
+    ref.write_checkpoint(tiny_llama(), tmp_path, "gptq", 4, group=32, sym=True, desc_act=True)
+    with pytest.raises(Exception, match="desc_act"):
+        LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2)
+
+
+def test_ngram_speculation_through_tensor_and_pipeline_ranks(model_dir: str) -> None:
+    """Drafts reach every rank with the step; the last stage verifies; earlier stages take the accepted tokens."""
+    rng = random.Random(1)
+    prompts = []
+    for _ in range(8):  # repetitive prompts: the n-gram proposer finds drafts
+        base = [rng.randrange(3, 256) for _ in range(6)]
+        prompts.append({"prompt_token_ids": (base * 4)[: rng.randint(12, 24)]})
+    one = LLM(model_dir, **ENGINE)
+    expected = [o.outputs[0].token_ids for o in one.generate(prompts, GREEDY)]
+    del one
+    gc.collect()
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    for tp, pp in [(2, 1), (1, 2)]:
+        llm = LLM(model_dir, **ENGINE, tensor_parallel_size=tp, pipeline_parallel_size=pp, speculative_config=spec)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
+        assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+        llm.engine.executor.shutdown()

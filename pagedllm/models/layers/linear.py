@@ -28,13 +28,6 @@ from pagedllm.models.layers.parallel import all_reduce, divide, get_tp_rank, get
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, UnquantizedLinearMethod
 
 
-def _rows_of_rank(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """A checkpoint shard's rows that ``rank`` of ``size`` owns (a per-tensor scale is everyone's)."""
-    if size == 1 or tensor.numel() == 1:
-        return tensor
-    return tensor.chunk(size, 0)[rank]
-
-
 class LinearBase(nn.Module):
     """``y = x @ W.T + b``; ``tp_dim`` is the weight dimension split across workers (None: replicated)."""
 
@@ -52,10 +45,22 @@ class LinearBase(nn.Module):
         self.quant_method.create_weights(self, input_size, output_size, bias, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
-        # Take this worker's slice along tp_dim; a row-parallel bias (1-D) is not split.
-        if self.tp_dim is not None and self.tp_size > 1 and self.tp_dim < loaded_weight.dim():
-            loaded_weight = loaded_weight.chunk(self.tp_size, self.tp_dim)[self.tp_rank]
+        # This worker's outputs (column-parallel) or inputs (row-parallel; a bias is every worker's).
+        if self.tp_size > 1 and self.tp_dim == 0:
+            loaded_weight = self._shard(param, loaded_weight, out_span=self._rank_span(self.output_size))
+        elif self.tp_size > 1 and self.tp_dim == 1:
+            loaded_weight = self._shard(param, loaded_weight, in_span=self._rank_span(self.input_size))
         self.quant_method.weight_loader(self, param, loaded_weight)
+
+    def _rank_span(self, size: int) -> tuple[int, int]:
+        """(start, size) of this worker's ``size`` elements in the whole dimension."""
+        return self.tp_rank * size, size
+
+    def _shard(self, param: nn.Parameter, loaded_weight: torch.Tensor, **span: tuple[int, int]) -> torch.Tensor:
+        """The quantization method cuts its tensors (their layouts are its own)."""
+        if self.tp_size == 1:
+            return loaded_weight
+        return self.quant_method.shard(self, param, loaded_weight, **span)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
@@ -98,7 +103,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        loaded_weight = _rows_of_rank(loaded_weight, self.tp_rank, self.tp_size)
+        loaded_weight = self._shard(param, loaded_weight, out_span=self._rank_span(size))
         self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 
@@ -129,9 +134,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         offset, size = spans[shard_id]
         if shard_id == "q":
-            loaded_weight = _rows_of_rank(loaded_weight, self.tp_rank, self.tp_size)
-        elif self.tp_size > 1 and loaded_weight.numel() > 1:  # not a per-tensor scale
-            loaded_weight = loaded_weight.narrow(0, self.first_kv_head * self.head_dim, kv_size)
+            loaded_weight = self._shard(param, loaded_weight, out_span=self._rank_span(q_size))
+        else:
+            loaded_weight = self._shard(param, loaded_weight, out_span=(self.first_kv_head * self.head_dim, kv_size))
         self.quant_method.weight_loader(self, param, loaded_weight, (offset, size))
 
 
