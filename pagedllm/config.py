@@ -209,8 +209,6 @@ class EngineArgs:
         if self.tensor_parallel_size * self.pipeline_parallel_size == 1:
             return
         # What does not split over ranks yet, refused by name.
-        if self.enable_lora:
-            raise ValueError("enable_lora is not supported with tensor/pipeline parallelism yet (use a world of 1)")
         spec = self.speculative_config
         if spec is not None and (spec.get("model") if isinstance(spec, dict) else getattr(spec, "model", None)):
             raise ValueError("speculative_config with a draft model is not supported with tensor/pipeline "

@@ -14,8 +14,10 @@ reading the stacked per-slot weights of ``LoRASlots`` (all targets of a fused la
     GPU   the Triton SGMV kernel (lora/triton_punica.py) over the step's plan (tokens grouped by
           slot) in the persistent input buffers: the same launches eager and in a CUDA graph
 
-With tensor parallelism the deltas would have to be split like the base weights; pagedllm
-runs one rank today, where the all-reduce of a row-parallel layer is the identity.
+Tensor parallel: each rank holds its part of the adapters as of the base weights (a column-parallel
+layer's rows of B, a row-parallel layer's columns of A), and a row-parallel layer adds its partial delta
+before its one all-reduce (the sum over ranks of x_r A_r^T B^T is x A^T B^T). Pipeline parallel: a stage
+wraps and loads only its own layers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 from torch import nn
 
 from pagedllm.lora.slots import LoRASlots, ModuleTargets
+from pagedllm.models.layers.linear import RowParallelLinear
+from pagedllm.models.layers.parallel import all_reduce
 
 # Our fused parameter -> the PEFT targets it holds, in output order.
 FUSED_TARGETS = {
@@ -72,9 +76,14 @@ class LoRALinear(nn.Module):
         self.base = base
         self.key = key  # (layer, our fused layer's name): its stacked weights in LoRASlots
         self.state = state
+        self.row_parallel = isinstance(base, RowParallelLinear) and base.tp_size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self.row_parallel:  # the delta joins the partial sums before the all-reduce
+            return all_reduce(self._add_delta(self.base.forward_partial(x), x))
+        return self._add_delta(self.base(x), x)
+
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         st = self.state
         if not st.active:
             return y
@@ -97,25 +106,32 @@ def wrap_model(model: nn.Module, state: LoRAState) -> dict[tuple[int, str], Modu
     """Wrap every adaptable linear of ``model``'s decoder layers; returns what each wrapped layer
     holds on this rank (the slots' stacked weights are shaped from it)."""
     modules: dict[tuple[int, str], ModuleTargets] = {}
-    for i, layer in enumerate(model.model.layers):
+    inner = model.model
+    for i in range(inner.start_layer, inner.end_layer):  # this pipeline stage's layers
+        layer = inner.layers[i]
         for parent in (layer.self_attn, layer.mlp):
             for fused, names in FUSED_TARGETS.items():
                 base = getattr(parent, fused, None)
                 if base is None:
                     continue
                 targets, offset = [], 0
-                for name, width in zip(names, _target_widths(base, fused)):
-                    targets.append((name, offset, width))
+                for name, (width, out_start) in zip(names, _target_spans(base, fused)):
+                    targets.append((name, offset, width, out_start))
                     offset += width
-                modules[(i, fused)] = ModuleTargets(base.input_size, tuple(targets))
+                in_start = base.tp_rank * base.input_size if base.tp_dim == 1 else 0
+                modules[(i, fused)] = ModuleTargets(base.input_size, tuple(targets), in_start)
                 setattr(parent, fused, LoRALinear(base, (i, fused), state))
     return modules
 
 
-def _target_widths(base: nn.Module, fused: str) -> list[int]:
+def _target_spans(base: nn.Module, fused: str) -> list[tuple[int, int]]:
+    """(width, first row of the target's B) of each target this rank holds in ``base``'s output."""
     if fused == "qkv_proj":
         q, kv = base.num_heads * base.head_dim, base.num_kv_heads * base.head_dim
-        return [q, kv, kv]
+        first_kv = base.first_kv_head * base.head_dim
+        return [(q, base.tp_rank * q), (kv, first_kv), (kv, first_kv)]
     if fused == "gate_up_proj":
-        return [size // base.tp_size for size in base.output_sizes]
-    return [base.output_size]
+        return [(size // base.tp_size, base.tp_rank * size // base.tp_size) for size in base.output_sizes]
+    if base.tp_dim == 0:
+        return [(base.output_size, base.tp_rank * base.output_size)]
+    return [(base.output_size, 0)]  # row-parallel: every output

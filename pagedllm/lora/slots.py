@@ -24,14 +24,18 @@ from pagedllm.lora.adapter import LoRAAdapter
 
 @dataclass(frozen=True)
 class ModuleTargets:
-    """One wrapped layer: its input size and its PEFT targets as (name, first output column, width)."""
+    """One wrapped layer on this rank: its input size and its PEFT targets as (name, first output column,
+    width, first row of the target's B that this rank holds); ``in_start``: the first column of every
+    target's A this rank holds (tensor parallel: a column-parallel layer holds some of B's rows, a
+    row-parallel one some of A's columns; 0 and everything with one rank)."""
 
     in_features: int
-    targets: tuple[tuple[str, int, int], ...]
+    targets: tuple[tuple[str, int, int, int], ...]
+    in_start: int = 0
 
     @property
     def out_features(self) -> int:
-        return sum(width for _, _, width in self.targets)
+        return sum(width for _, _, width, _ in self.targets)
 
 
 class LoRASlots:
@@ -45,14 +49,16 @@ class LoRASlots:
         self._ids: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU order
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.b: dict[tuple[int, str], torch.Tensor] = {}
-        # (layer, PEFT target) -> (module key, index among its targets, first output column, width)
-        self._where: dict[tuple[int, str], tuple[tuple[int, str], int, int, int]] = {}
+        # (layer, PEFT target) -> (module key, index among its targets, first output column, width, first row
+        # of B and first column of A held here)
+        self._where: dict[tuple[int, str], tuple[tuple[int, str], int, int, int, int, int]] = {}
         for key, mod in modules.items():
             ranks = len(mod.targets) * max_rank
             self.a[key] = torch.zeros(max_loras, ranks, mod.in_features, device=device, dtype=dtype)
             self.b[key] = torch.zeros(max_loras, mod.out_features, ranks, device=device, dtype=dtype)
-            for t, (name, offset, width) in enumerate(mod.targets):
-                self._where[(key[0], name)] = (key, t, offset, width)
+            for t, (name, offset, width, out_start) in enumerate(mod.targets):
+                self._where[(key[0], name)] = (key, t, offset, width, out_start, mod.in_start)
+        self._layers = {key[0] for key in modules}  # pipeline parallel: this stage's layers
 
     def activate(self, lora_id: int, adapter: LoRAAdapter, in_use: set[int] = frozenset()) -> int:
         """Slot for ``lora_id``, copying its weights in (evicting an idle adapter) if needed."""
@@ -64,13 +70,15 @@ class LoRASlots:
             self.a[key][slot].zero_()
             self.b[key][slot].zero_()
         for (layer, target), (a, b) in adapter.weights.items():
+            if layer not in self._layers:
+                continue  # another pipeline stage's layer
             where = self._where.get((layer, target))
             if where is None:
                 raise ValueError(f"adapter targets {target} of layer {layer}, which the model does not have")
-            key, t, offset, width = where
+            key, t, offset, width, out_start, in_start = where
             r0, r = t * self.max_rank, a.shape[0]
-            self.a[key][slot, r0:r0 + r].copy_(a)
-            self.b[key][slot, offset:offset + width, r0:r0 + r].copy_(b)
+            self.a[key][slot, r0:r0 + r].copy_(a.narrow(1, in_start, self.a[key].shape[2]))
+            self.b[key][slot, offset:offset + width, r0:r0 + r].copy_(b.narrow(0, out_start, width))
         self._ids[lora_id] = slot
         return slot
 

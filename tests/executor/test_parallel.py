@@ -137,8 +137,6 @@ def test_default_model_in_pipeline_stages_and_tensor_parallel_ranks() -> None:
 def test_parallel_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="distributed_executor_backend='uni'"):
         EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni")
-    with pytest.raises(ValueError, match="enable_lora"):
-        EngineArgs(tensor_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="draft model"):
         EngineArgs(tensor_parallel_size=2, speculative_config={"model": "x", "num_speculative_tokens": 2})
     assert EngineArgs(pipeline_parallel_size=2, device="cpu").resolved_async_scheduling()  # batches in flight

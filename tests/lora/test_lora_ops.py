@@ -15,9 +15,10 @@ from pagedllm.lora.slots import LoRASlots, ModuleTargets
 HID, INTER = 16, 24
 SHAPES = {(0, "q_proj"): (HID, HID), (0, "down_proj"): (INTER, HID), (1, "q_proj"): (HID, HID)}
 # The wrapped layers: a fused qkv (q | k | v, k and v of width 8) per layer, and layer 0's down_proj.
-MODULES = {(layer, "qkv_proj"): ModuleTargets(HID, (("q_proj", 0, HID), ("k_proj", HID, 8), ("v_proj", HID + 8, 8)))
-           for layer in (0, 1)}
-MODULES[(0, "down_proj")] = ModuleTargets(INTER, (("down_proj", 0, HID),))
+# (name, first output column, width, first row of B held: 0 with one rank)
+MODULES = {(layer, "qkv_proj"): ModuleTargets(HID, (("q_proj", 0, HID, 0), ("k_proj", HID, 8, 0),
+                                                    ("v_proj", HID + 8, 8, 0))) for layer in (0, 1)}
+MODULES[(0, "down_proj")] = ModuleTargets(INTER, (("down_proj", 0, HID, 0),))
 
 
 def _write_adapter(path, rank, alpha, targets=("q_proj", "down_proj"), rslora=False, seed=0, layers=(0,)):

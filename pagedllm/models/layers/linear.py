@@ -150,6 +150,9 @@ class RowParallelLinear(LinearBase):
         super().__init__(input_size, output_size, bias, tp_dim=1, quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.forward_partial(x))
+
+    def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This worker's share of the output, before the all-reduce sums the shares."""
         # The bias joins on one worker only, so the all-reduce adds it once.
-        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(y)
+        return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
