@@ -62,9 +62,6 @@ class PackedIntLinearMethod(QuantizationMethod):
     def create_weights(
         self, layer: nn.Module, input_size: int, output_size: int, bias: bool, weight_loader: WeightLoader
     ) -> None:
-        if getattr(layer, "tp_size", 1) > 1 and layer.tp_dim == 1 and self.act_order and self.group_size != -1:
-            raise ValueError("quantization_config: desc_act (act-order) checkpoints are not supported with tensor "
-                             "parallelism yet (a row-parallel rank would need every group's scales)")
         group = input_size if self.group_size == -1 else self.group_size
         if input_size % group or input_size % self.pack:
             raise ValueError(f"quantization: group_size {group} must divide the layer's input size {input_size}, "
@@ -73,6 +70,8 @@ class PackedIntLinearMethod(QuantizationMethod):
             raise ValueError(f"quantization: {self.bits}-bit layers need output sizes divisible by {self.pack}, "
                              f"got {output_size}")
         groups = input_size // group
+        if self._keeps_every_group(layer):  # act-order scatters a group's inputs over the ranks
+            groups *= layer.tp_size
         dtype = torch.get_default_dtype()
 
         def param(data: torch.Tensor, from_checkpoint: bool) -> nn.Parameter:
@@ -113,7 +112,8 @@ class PackedIntLinearMethod(QuantizationMethod):
               out_span: tuple[int, int] | None = None, in_span: tuple[int, int] | None = None) -> torch.Tensor:
         """A rank's part of a checkpoint tensor in the formats' layouts: outputs are columns (packed ``pack``
         to a word in AWQ's qweight and both formats' qzeros), inputs are rows (packed in GPTQ's qweight),
-        and a row-parallel rank takes the groups of its inputs (all of them with one group per row)."""
+        and a row-parallel rank takes the groups of its inputs (all of them with one group per row, or with
+        act-order, where any input may be in any group)."""
         if param is layer.bias or param is getattr(layer, "weight", None):
             return super().shard(layer, param, loaded_weight, out_span, in_span)
         name = next(n for n in _CHECKPOINT_TENSORS if getattr(layer, n) is param)
@@ -125,15 +125,20 @@ class PackedIntLinearMethod(QuantizationMethod):
             t = t.narrow(1, start, size)
         if in_span is not None:
             start, size = in_span
-            whole_row_group = self.group_size == -1
+            every_group = self.group_size == -1 or self._keeps_every_group(layer)
             if name == "qweight":
                 rows = (start // self.pack, size // self.pack) if self.fmt == "gptq" else (start, size)
                 t = t.narrow(0, *rows)
-            elif name == "g_idx":  # the groups of this rank's inputs, counted from its first
-                t = t.narrow(0, start, size) - (0 if whole_row_group else start // self.group_size)
-            elif not whole_row_group:
+            elif name == "g_idx":  # the groups of this rank's inputs (counted from its first, unless all kept)
+                t = t.narrow(0, start, size) - (0 if every_group else start // self.group_size)
+            elif not every_group:
                 t = t.narrow(0, start // self.group_size, size // self.group_size)
         return t
+
+    def _keeps_every_group(self, layer: nn.Module) -> bool:
+        """A row-parallel rank of an act-order checkpoint: its inputs belong to any group, so it keeps them all."""
+        return (getattr(layer, "tp_size", 1) > 1 and layer.tp_dim == 1 and self.act_order
+                and self.group_size != -1)
 
     def _convert(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """A checkpoint tensor of one shard -> our layout (see the module docstring)."""

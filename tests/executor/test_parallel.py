@@ -144,15 +144,17 @@ def test_parallel_config_errors_name_the_field() -> None:
         EngineArgs(pipeline_parallel_size=0)
 
 
-@pytest.mark.parametrize(("method", "bits", "group", "v1"), [("gptq", 4, 32, True), ("gptq", 8, 16, False),
-                                                             ("awq", 4, 32, False)])
-def test_gptq_and_awq_checkpoints_split_over_two_ranks(tmp_path, method: str, bits: int, group: int,
-                                                       v1: bool) -> None:
+@pytest.mark.parametrize(("method", "bits", "group", "v1", "desc_act"), [
+    ("gptq", 4, 32, True, False), ("gptq", 8, 16, False, False), ("gptq", 4, 16, True, True),
+    ("awq", 4, 32, False, False)])
+def test_gptq_and_awq_checkpoints_split_over_two_ranks(tmp_path, method: str, bits: int, group: int, v1: bool,
+                                                       desc_act: bool) -> None:
     """Each rank cuts the packed tensors in their own layouts (outputs: columns, packed in AWQ's qweight and
-    every qzeros; inputs: GPTQ's packed rows, AWQ's rows, and the groups of the rank's inputs)."""
+    every qzeros; inputs: GPTQ's packed rows, AWQ's rows, and the groups of the rank's inputs, or every group
+    for an act-order checkpoint)."""
     from tests.quantization import gptq_reference as ref
 
-    ref.write_checkpoint(tiny_llama(), tmp_path, method, bits, group=group, sym=v1, v1=v1)
+    ref.write_checkpoint(tiny_llama(), tmp_path, method, bits, group=group, sym=v1, v1=v1, desc_act=desc_act)
     one = LLM(str(tmp_path), **ENGINE)
     expected = [o.outputs[0].token_ids for o in one.generate(_prompts()[:6], GREEDY)]
     del one
@@ -160,14 +162,6 @@ def test_gptq_and_awq_checkpoints_split_over_two_ranks(tmp_path, method: str, bi
     two = LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2)
     assert [o.outputs[0].token_ids for o in two.generate(_prompts()[:6], GREEDY)] == expected
     two.engine.executor.shutdown()
-
-
-def test_act_order_checkpoints_are_refused_with_tensor_parallelism(tmp_path) -> None:
-    from tests.quantization import gptq_reference as ref
-
-    ref.write_checkpoint(tiny_llama(), tmp_path, "gptq", 4, group=32, sym=True, desc_act=True)
-    with pytest.raises(Exception, match="desc_act"):
-        LLM(str(tmp_path), **ENGINE, tensor_parallel_size=2)
 
 
 def test_ngram_speculation_through_tensor_and_pipeline_ranks(model_dir: str) -> None:
