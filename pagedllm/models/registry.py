@@ -68,6 +68,9 @@ def kv_cache_shape_info(hf_config: Any, tp_size: int = 1, pp_rank: int = 0,
 def check_parallel_shapes(hf_config: Any, tp_size: int, pp_size: int) -> None:
     """A ValueError naming the config field that does not split over ``tp_size`` ranks (attention heads,
     KV heads, the MLP width) or ``pp_size`` stages (layers), before any worker starts."""
+    if tp_size * pp_size == 1:
+        return
+    get_model_class(hf_config)  # an unsupported architecture says so first
     divide(hf_config.num_attention_heads, tp_size, "num_attention_heads")
     divide(hf_config.intermediate_size, tp_size, "intermediate_size")
     kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads, tp_size)

@@ -135,6 +135,13 @@ def test_default_model_in_pipeline_stages_and_tensor_parallel_ranks() -> None:
 
 
 def test_parallel_config_errors_name_the_field() -> None:
+    from transformers import GPT2Config
+
+    from pagedllm.models.registry import check_parallel_shapes
+
+    check_parallel_shapes(GPT2Config(), 1, 1)  # one rank: nothing to split, the architecture is checked later
+    with pytest.raises(ValueError, match="architecture GPT2LMHeadModel is not supported"):
+        check_parallel_shapes(GPT2Config(architectures=["GPT2LMHeadModel"]), 2, 1)
     with pytest.raises(ValueError, match="distributed_executor_backend='uni'"):
         EngineArgs(tensor_parallel_size=2, distributed_executor_backend="uni")
     with pytest.raises(ValueError, match="draft model"):
