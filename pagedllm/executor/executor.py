@@ -81,7 +81,8 @@ class MultiRankExecutor(Executor):
     def _init_ranks(self, parallel_config: ParallelConfig) -> None:
         self.parallel_config = parallel_config
         self.driver_rank = (parallel_config.pipeline_parallel_size - 1) * parallel_config.tensor_parallel_size
-        self._last_sampled: dict[str, list[int]] = {}
+        # Pipeline parallel: req id -> (the step that sampled them, tokens), for the stages before the last.
+        self._last_sampled: dict[str, tuple[int, list[int]]] = {}
         self._num_launched = self._num_finished = 0
         # What each outstanding call's answer carries, oldest first: a step's output, or nothing (None).
         self._answers: deque[int | None] = deque()
@@ -158,7 +159,7 @@ class MultiRankExecutor(Executor):
             if carries is None:
                 continue
             if self.driver_rank:
-                self._last_sampled.update((req_id, tokens) for req_id, tokens
+                self._last_sampled.update((req_id, (carries, tokens)) for req_id, tokens
                                           in zip(output.req_ids, output.sampled_token_ids) if tokens)
             self._finished[carries] = output
             self._num_finished += 1

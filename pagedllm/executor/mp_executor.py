@@ -23,8 +23,10 @@ import ctypes
 import dataclasses
 import multiprocessing
 import os
+import queue
 import signal
 import socket
+import threading
 import time
 import traceback
 import weakref
@@ -64,18 +66,33 @@ def _worker_main(conn, parent_pid: int, configs: tuple, rank: int, local_rank: i
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
+    # Answers go out from a thread of their own: with several steps in flight (pipeline parallel) the engine
+    # may be writing the next call while a large answer waits to be read, and neither side may block the other.
+    answers: queue.SimpleQueue = queue.SimpleQueue()
+    writer = threading.Thread(target=_write_answers, args=(conn, answers), name="pagedllm-answers", daemon=True)
+    writer.start()
     while True:
         try:
             call = conn.recv()
         except EOFError:
-            return
+            break
         if call is None:
-            return
+            break
         method, args = call
         try:
-            conn.send(("ok", getattr(worker, method)(*args)))
+            answers.put(("ok", getattr(worker, method)(*args)))
         except BaseException:
-            conn.send(("error", traceback.format_exc()))
+            answers.put(("error", traceback.format_exc()))
+    answers.put(None)
+    writer.join(_JOIN_TIMEOUT_S)
+
+
+def _write_answers(conn, answers: queue.SimpleQueue) -> None:  # noqa: ANN001 - a multiprocessing Connection
+    while (answer := answers.get()) is not None:
+        try:
+            conn.send(answer)
+        except OSError:  # the engine is gone
+            return
 
 
 class _WorkerHandle:

@@ -121,6 +121,9 @@ class PackedIntLinearMethod(QuantizationMethod):
         if out_span is not None and name != "g_idx":
             start, size = out_span
             if name == "qzeros" or (name == "qweight" and self.fmt == "awq"):
+                if start % self.pack or size % self.pack:
+                    raise ValueError(f"{name}: this rank's outputs [{start}, {start + size}) do not fall on whole "
+                                     f"{self.bits}-bit words of {self.pack} (tensor_parallel_size too large?)")
                 start, size = start // self.pack, size // self.pack
             t = t.narrow(1, start, size)
         if in_span is not None:

@@ -55,6 +55,8 @@ class Worker:
         self.parallel = self._join_world(local_rank)
         self.is_driver = self.parallel.is_last_stage and self.parallel.tp_rank == 0
         self._launched: StepHandle | None = None  # execute_model_deferred's step, answered for later
+        self._num_steps = 0  # execute_model calls so far (the executor counts the same)
+        self._added_at: dict[str, int] = {}  # pipeline parallel: req id -> the step that brought it
         torch.manual_seed(model_config.seed)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, device_config, self.device,
                                         parallel=self.parallel)
@@ -118,11 +120,21 @@ class Worker:
         return self.model_runner.kv_cache_bytes_per_block()
 
     def execute_model(self, scheduler_output: SchedulerOutput,
-                      earlier_tokens: dict[str, list[int]] | None = None) -> ModelRunnerOutput | None:
-        """One step. ``earlier_tokens``: the tokens the last stage sampled in the step before, which a
-        stage before it has not seen (pipeline parallel). Returns the output on the driver, else None."""
+                      earlier_tokens: dict[str, tuple[int, list[int]]] | None = None) -> ModelRunnerOutput | None:
+        """One step. ``earlier_tokens``: req id -> (step, tokens) the last stage sampled in steps finished
+        since, which a stage before it has not seen (pipeline parallel). Returns the output on the driver."""
+        step, self._num_steps = self._num_steps, self._num_steps + 1  # every rank counts the same calls
         if earlier_tokens:
-            self.model_runner.input_batch.append_tokens_of(earlier_tokens)
+            # A request id that ended and came back while its step was in the pipeline: that step's token
+            # belongs to the old request (the scheduler drops it too).
+            tokens = {req_id: toks for req_id, (sampled_at, toks) in earlier_tokens.items()
+                      if self._added_at.get(req_id, sampled_at + 1) <= sampled_at}
+            self.model_runner.input_batch.append_tokens_of(tokens)
+        if self.parallel.pp_size > 1:
+            for req_id in scheduler_output.finished_req_ids:
+                self._added_at.pop(req_id, None)
+            for new in scheduler_output.scheduled_new_reqs:
+                self._added_at[new.req_id] = step
         output = self.model_runner.execute_model(scheduler_output)
         return output if self.is_driver else None
 

@@ -188,3 +188,35 @@ def test_ngram_speculation_through_tensor_and_pipeline_ranks(model_dir: str) -> 
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == expected
         assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
         llm.engine.executor.shutdown()
+
+
+def test_a_request_id_reused_while_its_step_is_in_the_pipeline(model_dir: str) -> None:
+    """The old request's token, sampled by a step still in the pipeline, must not reach the new request's
+    row on the first stage (the scheduler drops it; so does the stage, by the step that sampled it)."""
+    old_prompt, new_prompt = _prompts()[0]["prompt_token_ids"], _prompts()[1]["prompt_token_ids"]
+    one = LLM(model_dir, **ENGINE)
+    expected = one.generate([{"prompt_token_ids": new_prompt}], GREEDY)[0].outputs[0].token_ids
+    del one
+    gc.collect()
+    llm = LLM(model_dir, **ENGINE, pipeline_parallel_size=2)
+    eng = llm.engine
+    # Other requests keep steps launching between the two finishes that carry an "x" token.
+    for i, other in enumerate(_prompts()[2:6]):
+        eng.add_request(f"other{i}", other["prompt_token_ids"], GREEDY)
+    eng.add_request("x", old_prompt, GREEDY)
+    for _ in range(40):
+        eng.step()
+        if eng.scheduler.requests["x"].num_output_tokens >= 3 and any(
+                "x" in sched.num_scheduled_tokens for sched, _ in eng._in_flight):
+            break
+    else:
+        pytest.fail("x never had a step in flight")
+    eng.abort_request(["x"])
+    eng.add_request("x", new_prompt, GREEDY)
+    tokens = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == "x" and out.finished:
+                tokens = out.outputs[0].token_ids
+    assert tokens == expected
+    llm.engine.executor.shutdown()
