@@ -115,15 +115,9 @@ class _WorkerHandle:
         except (BrokenPipeError, ConnectionResetError, OSError) as exc:
             raise self._dead_error() from exc
 
-    def result(self, timeout: float | None = None) -> Any:
-        """The worker's answer; a RuntimeError naming the rank if it raised or died."""
-        waited = 0.0
-        while not self.conn.poll(_POLL_S):
-            waited += _POLL_S
-            if not self.process.is_alive():
-                raise self._dead_error()
-            if timeout is not None and waited >= timeout:
-                raise RuntimeError(f"worker rank {self.rank} did not answer within {timeout:.0f} s")
+    def result(self) -> Any:
+        """The answer waiting on the pipe (``gather_results`` waits and checks liveness); a RuntimeError
+        naming the rank if it raised, an ExecutorDeadError if it died."""
         try:
             status, value = self.conn.recv()
         except (EOFError, ConnectionResetError, OSError) as exc:

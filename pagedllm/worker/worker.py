@@ -143,13 +143,16 @@ class Worker:
         output (None for none, and on every rank but the driver): a worker in a process of its own reads
         step N's tokens only once step N+1 is queued behind it (async scheduling)."""
         previous, self._launched = self._launched, self.model_runner.execute_model_async(scheduler_output)
-        output = previous.get() if previous is not None else None
-        return output if self.is_driver else None
+        return self._finish(previous)
 
     def finish_deferred(self) -> ModelRunnerOutput | None:
         """The output of the step ``execute_model_deferred`` launched last (no step follows it yet)."""
         previous, self._launched = self._launched, None
-        output = previous.get() if previous is not None else None
+        return self._finish(previous)
+
+    def _finish(self, step: StepHandle | None) -> ModelRunnerOutput | None:
+        """Read a launched step's tokens into the rows (every rank); its output on the driver."""
+        output = step.get() if step is not None else None
         return output if self.is_driver else None
 
     def shutdown(self) -> None:
