@@ -35,7 +35,7 @@ from pagedllm.models.layers.embedding import LMHead, VocabEmbedding
 from pagedllm.models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pagedllm.models.layers.norm import RMSNorm
 from pagedllm.models.layers.parallel import get_parallel_state, pp_layer_range
-from pagedllm.models.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedllm.models.layers.rotary import RopeTables, RotaryEmbedding, rope_parameters, rotate
 from pagedllm.quantization.base import QuantizationConfig, copy_weight
 
 # Checkpoint tensors that are derived state, not weights.
@@ -79,20 +79,23 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,  # (T,)
+        rope: RopeTables,  # this step's rotary tables (RotaryEmbedding.tables)
         hidden: torch.Tensor,  # (T, hidden_size)
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # (T, hidden_size)
         qkv = self.qkv_proj(hidden)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        v = qkv[:, q_size + kv_size:].view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm or self.rotary_emb.in_place:
+            q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+            k = qkv[:, q_size:q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb.apply(rope, q, k)
+        else:  # q and k side by side in qkv: one rotation covers both (half the small ops on a CPU)
+            qk = rotate(qkv[:, :q_size + kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim), rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)  # (T, h, d)
         return self.o_proj(out.reshape(-1, q_size))
 
@@ -128,7 +131,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RopeTables,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
@@ -138,7 +141,7 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden = self.self_attn(rope, hidden, kv_cache, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -160,6 +163,7 @@ class LlamaModel(nn.Module):
         theta, scaling = rope_parameters(config)
         # One cos/sin table shared by every layer.
         rotary_emb = RotaryEmbedding(get_head_dim(config), config.max_position_embeddings, theta, scaling)
+        self.rotary_emb = rotary_emb
         embed_method = quant_config.get_embedding_method() if quant_config is not None else None
         self.embed_tokens = (VocabEmbedding(config.vocab_size, config.hidden_size, quant_method=embed_method)
                              if stage.is_first_stage else None)
@@ -183,8 +187,9 @@ class LlamaModel(nn.Module):
         else:
             hidden, residual = intermediate
         layers = self.layers[self.start_layer:self.end_layer]
+        rope = self.rotary_emb.tables(positions, hidden.dtype)  # once for all layers
         for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, attn_metadata)
         if self.norm is None:  # not the last stage: the next one continues from here
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)

@@ -3,7 +3,8 @@
 The head dimension is split in two halves (x1, x2) rotated by the same angle
 ``position * inv_freq[i]``:  (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
 cos/sin are computed once for every position up to ``max_position`` and looked
-up by position, so a ragged batch needs no per-sequence work.
+up by position, so a ragged batch needs no per-sequence work; a forward looks up
+its step's rows once (``tables``) and every layer applies them (``apply``).
 
 Frequency schedules (``rope_type``): "default", "linear" (positions divided by
 ``factor``) and "llama3" (long wavelengths divided by ``factor``, short ones
@@ -25,6 +26,9 @@ from torch import nn
 from pagedllm.models.layers.kernels import load_fused_ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# RotaryEmbedding.tables: the positions (fused kernel) or (cos, sin) each (T, 1, head_dim).
+RopeTables = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def rope_parameters(hf_config: Any) -> tuple[float, dict[str, Any]]:
@@ -96,19 +100,43 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k in place with one Triton kernel instead of torch; set once, at model build."""
         self._fused = load_fused_ops().rotary_embedding_ if enabled else None
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """What ``apply`` needs for a step's ``positions`` (T,), worked out once for all layers: the
+        positions themselves for the fused kernel, else (cos, sin) each (T, 1, head_dim) in ``dtype``,
+        laid out so that a rotation is ``x * cos + swap_halves(x) * sin`` (sin's first half negated)."""
+        if self._fused is not None:
+            return positions
+        cos = self.cos_cache[positions].unsqueeze(1).to(dtype)  # (T, 1, head_dim // 2)
+        sin = self.sin_cache[positions].unsqueeze(1).to(dtype)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+    def apply(
+        self,
+        tables: RopeTables,  # from ``tables``
+        query: torch.Tensor,  # (T, num_heads, head_dim)
+        key: torch.Tensor,  # (T, num_kv_heads, head_dim)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fused is not None:  # in place, one kernel for q and k
+            return self._fused(tables, query, key, self.cos_cache, self.sin_cache)
+        return rotate(query, tables), rotate(key, tables)
+
+    @property
+    def in_place(self) -> bool:
+        """True when ``apply`` is the fused kernel (its tables are positions, not cos/sin)."""
+        return self._fused is not None
+
     def forward(
         self,
         positions: torch.Tensor,  # (T,) int64
         query: torch.Tensor,  # (T, num_heads, head_dim)
         key: torch.Tensor,  # (T, num_kv_heads, head_dim)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._fused is not None:  # in place, one kernel for q and k
-            return self._fused(positions, query, key, self.cos_cache, self.sin_cache)
-        cos = self.cos_cache[positions].unsqueeze(1).to(query.dtype)  # (T, 1, head_dim // 2)
-        sin = self.sin_cache[positions].unsqueeze(1).to(query.dtype)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        return self.apply(self.tables(positions, query.dtype), query, key)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) over any (T, heads, head_dim) ``x``: HF's
+    ``x * cos + rotate_half(x) * sin``, the same float operations in the same order."""
+    cos, sin = tables
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
