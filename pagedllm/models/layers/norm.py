@@ -33,8 +33,6 @@ class RMSNorm(nn.Module):
         self._fused = load_fused_ops().rms_norm if enabled else None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype == torch.float32:  # the same float ops below, in one call
-            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
