@@ -173,3 +173,13 @@ def test_bad_options_are_messages_not_tracebacks(tiny_config: str, capsys) -> No
         make_parser().parse_args(["serve", "--launch", "--concurrency", "0"])
     with pytest.raises(SystemExit):
         make_parser().parse_args(["serve"])  # a server to talk to is required
+
+
+def test_server_args_with_server_only_options() -> None:
+    """--server-args holds the server's own options too: their values are not taken for the model."""
+    from pagedllm.bench.cli import _server_engine_args
+
+    args = _server_engine_args(["--api-server-count", "2", "--port", "9", "--max-model-len", "256"])
+    assert args.model is None and args.max_model_len == 256
+    args = _server_engine_args(["some/model", "--api-server-count", "2"])
+    assert args.model == "some/model"

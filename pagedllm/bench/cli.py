@@ -239,11 +239,11 @@ def _serve(ns: argparse.Namespace) -> dict:
 
 
 def _server_engine_args(server_argv: list[str]) -> EngineArgs:
-    """The engine options inside --server-args (the server's own options are ignored here)."""
-    p = argparse.ArgumentParser(prog="--server-args", add_help=False)
-    EngineArgs.add_cli_args(p, model_positional=True)
-    ns, _ = p.parse_known_args(server_argv)
-    return EngineArgs.from_cli_args(ns)
+    """The engine options inside --server-args, parsed with the server's own parser (so that a server
+    option's value, e.g. ``--api-server-count 2``, is not taken for the model)."""
+    from pagedllm.server.api_server import parse_serve_args
+
+    return EngineArgs.from_cli_args(parse_serve_args(server_argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -126,6 +127,8 @@ class ModelRunner:
         if self.draft is not None:
             self.draft.allocate(num_blocks, self.kv_dtype)
         self.swap_space = SwapSpace(self.kv_caches, num_cpu_blocks) if num_cpu_blocks else None
+        if self.device.type == "cuda":
+            self.warm_up_prefill()
         if self.use_cuda_graphs:
             self.graphs = CudaGraphRunner(self.model, self.kv_caches, self.buffers, self.model_config.max_model_len,
                                           max_batch_size=self.scheduler_config.max_num_seqs)
@@ -343,22 +346,8 @@ class ModelRunner:
         num_seqs = min(self.scheduler_config.max_num_seqs, num_tokens)
         counts = np.full(num_seqs, num_tokens // num_seqs, dtype=np.int64)
         counts[-1] += num_tokens - counts.sum()
-        counts = np.minimum(counts, self.model_config.max_model_len)
-        blocks_per_seq = int(-(-counts.max() // self.block_size))
-        block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
-        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(counts, out=qsl[1:])
-        req_of_token = np.repeat(np.arange(num_seqs), counts)
-        positions = np.arange(len(req_of_token)) - qsl[:-1][req_of_token]
-        slots = block_tables[req_of_token, positions // self.block_size].astype(np.int64) * self.block_size
-        num_sampled = np.ones(num_seqs, dtype=np.int64)
-        batch = FlatBatch(
-            req_ids=[str(i) for i in range(num_seqs)], rows=np.arange(num_seqs),
-            input_ids=np.zeros(len(positions), dtype=np.int64), positions=positions.astype(np.int64),
-            slot_mapping=slots + positions % self.block_size, query_start_loc=qsl, seq_lens=counts.astype(np.int32),
-            block_tables=block_tables, num_sampled_tokens=num_sampled,
-            logits_indices=flat_logits_indices(qsl, num_sampled), max_query_len=int(counts.max()),
-            max_seq_len=int(counts.max()))
+        batch = self._synthetic_prefill(np.minimum(counts, self.model_config.max_model_len))
+        num_seqs, blocks_per_seq = batch.block_tables.shape
         real_caches = self.kv_caches
         self.kv_caches = self._alloc_kv(num_seqs * blocks_per_seq)
         scratch_bytes = num_seqs * blocks_per_seq * self.kv_cache_bytes_per_block()
@@ -376,6 +365,41 @@ class ModelRunner:
         finally:
             self.kv_caches = real_caches
         return scratch_bytes
+
+    def _synthetic_prefill(self, counts: np.ndarray) -> FlatBatch:
+        """A batch of fresh prompts of ``counts`` tokens (token id 0), each in its own run of blocks
+        from block 0 on."""
+        num_seqs = len(counts)
+        blocks_per_seq = int(-(-counts.max() // self.block_size))
+        block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        qsl = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=qsl[1:])
+        req_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(len(req_of_token)) - qsl[:-1][req_of_token]
+        slots = block_tables[req_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+        num_sampled = np.ones(num_seqs, dtype=np.int64)
+        return FlatBatch(
+            req_ids=[str(i) for i in range(num_seqs)], rows=np.arange(num_seqs),
+            input_ids=np.zeros(len(positions), dtype=np.int64), positions=positions.astype(np.int64),
+            slot_mapping=slots + positions % self.block_size, query_start_loc=qsl, seq_lens=counts.astype(np.int32),
+            block_tables=block_tables, num_sampled_tokens=num_sampled,
+            logits_indices=flat_logits_indices(qsl, num_sampled), max_query_len=int(counts.max()),
+            max_seq_len=int(counts.max()))
+
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> None:
+        """Run a short prompt of each length class the attention kernels are specialized for
+        (``2 .. 64`` tokens: the Triton prefill kernel compiles one variant per query block size),
+        so that no kernel compiles in the middle of serving. Before any request: the blocks written
+        are free."""
+        limit = min(64, self.scheduler_config.max_num_batched_tokens, self.model_config.max_model_len)
+        start = time.perf_counter()
+        for q_len in (2, 4, 8, 16, 32, 64):
+            if q_len <= limit:
+                self._forward_eager(self._synthetic_prefill(np.array([q_len], dtype=np.int64)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("prefill kernels warmed up in %.1f s", time.perf_counter() - start)
 
     def _alloc_kv(self, num_blocks: int) -> list[torch.Tensor]:
         num_layers, shape = self.kv_cache_shape(num_blocks)

@@ -145,3 +145,46 @@ def test_kv_cache_shape_is_per_tensor_parallel_rank(tmp_path) -> None:
     assert half.kv_cache_shape(8) == (layers, (8, 2, 16, TINY["num_key_value_heads"] // 2, shape[-1]))
     assert shape[3] == TINY["num_key_value_heads"]
     assert 2 * half.kv_cache_bytes_per_block() == whole.kv_cache_bytes_per_block()
+
+
+def _tiny_llm(tmp_path, **kwargs):
+    from pagedllm import LLM
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    return LLM(model=str(tmp_path), load_format="dummy", dtype="float32", skip_tokenizer_init=True,
+               max_model_len=256, seed=0, **kwargs)
+
+
+def test_prefill_warm_up_leaves_no_trace(tmp_path) -> None:
+    """The warm-up's synthetic prompts write KV blocks before any request: with prefix caching on, later
+    requests must generate exactly what an engine that never warmed up does."""
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    cold = _tiny_llm(tmp_path)
+    expected = [o.outputs[0].token_ids for o in cold.generate(prompts, params, use_tqdm=False)]
+    del cold
+    warm = _tiny_llm(tmp_path)
+    runner = warm.engine.executor.worker.model_runner
+    before = warm.engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+    runner.warm_up_prefill()
+    assert warm.engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == before
+    assert [o.outputs[0].token_ids for o in warm.generate(prompts, params, use_tqdm=False)] == expected
+
+
+def _compiled_variants() -> int:
+    from pagedllm.attention import triton_paged_attention as tpa
+
+    return sum(len(cache[0]) for kernel in (tpa._paged_attention_kernel, tpa._reshape_and_cache_kernel)
+               for cache in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_no_attention_kernel_compiles_while_serving(tmp_path) -> None:
+    """Start-up compiles every variant of the attention kernels a workload can need (the prefill
+    warm-up and the graph capture): mixed batches of new lengths and sizes compile nothing more."""
+    llm = _tiny_llm(tmp_path, max_num_seqs=32)
+    after_start = _compiled_variants()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for sizes in ((3,), (1, 70), (9, 9, 9), tuple(range(1, 34)), (200, 2, 5, 33)):
+        llm.generate([{"prompt_token_ids": [7] * n} for n in sizes], params, use_tqdm=False)
+    assert _compiled_variants() == after_start
