@@ -6,7 +6,9 @@ deltas: the engine side (``EngineEncoder``) remembers what it sent of each
 sequence (text, token ids, logprobs) and sends only what is new; the front end
 (``ClientDecoder``) keeps the sums and rebuilds the same cumulative
 ``RequestOutput`` s the in-process engine loop hands out. So a decode step costs
-a few dozen bytes per request, not the whole text so far. Prompt token ids never
+a few dozen bytes per request, not the whole text so far; so does the last one
+(only a request whose samples best_of or beam search may reorder at the finish
+sends its finished output whole). Prompt token ids never
 come back: the front end registered them when it sent the ``AddRequest``.
 
     front end: ClientDecoder.encode_command(AddRequest)  ──►  EngineEncoder.decode_command
@@ -149,16 +151,21 @@ class EngineEncoder:
 
     def __init__(self) -> None:
         self._sent: dict[str, dict[int, _SentSequence]] = {}
+        # Requests whose finished samples may come back reordered (best_of > n keeps the n best, beam
+        # search ranks its beams): their finished output goes whole. Others finish with a delta too.
+        self._reordered: set[str] = set()
 
-    @staticmethod
     @_malformed
-    def decode_command(data: bytes) -> m.EngineCommand:
+    def decode_command(self, data: bytes) -> m.EngineCommand:
         wire = _unpack(data)
         kind = wire[0]
         if kind == ADD:
             _, rid, prompt_ids, params, priority, arrival, lora = wire
             lora_request = LoRARequest(*lora) if lora is not None else None
-            return m.AddRequest(rid, prompt_ids, _params_in(params), priority, arrival, lora_request)
+            params = _params_in(params)
+            if isinstance(params, BeamSearchParams) or params.best_of > params.n:
+                self._reordered.add(rid)
+            return m.AddRequest(rid, prompt_ids, params, priority, arrival, lora_request)
         if kind == ABORT:
             return m.AbortRequest(wire[1])
         if kind == SHUTDOWN:
@@ -174,11 +181,11 @@ class EngineEncoder:
                                          r.num_prompt_tokens] for r in message.records]])
             case m.AddResult():
                 if message.error is not None:
-                    self._sent.pop(message.request_id, None)
+                    self._forget(message.request_id)
                 return _pack([ADD_RESULT, message.request_id, _error_out(message.error)])
             case m.RequestsEnded():
                 for rid in message.request_ids:
-                    self._sent.pop(rid, None)
+                    self._forget(rid)
                 return _pack([ENDED, message.request_ids, _error_out(message.error)])
             case m.StatsSnapshot():
                 return _pack([STATS, _stats_out(message.stats)])
@@ -189,14 +196,18 @@ class EngineEncoder:
     def _output(self, output: RequestOutput) -> list[Any]:
         first = output.request_id not in self._sent
         sent = self._sent.setdefault(output.request_id, {})
-        # A finished output goes whole: best_of may have reordered the samples, stop strings trimmed text.
-        full = output.finished
+        # A sample whose text was trimmed (a stop string) or revised goes whole by itself (_completion).
+        full = output.finished and output.request_id in self._reordered
         completions = [self._completion(c, sent, full) for c in output.outputs]
         if output.finished:
-            del self._sent[output.request_id]
+            self._forget(output.request_id)
         prompt_logprobs = _logprobs_out(output.prompt_logprobs) if output.prompt_logprobs and first else None
         return [output.request_id, output.finished, output.num_cached_tokens, output.metrics or None,
                 prompt_logprobs, completions]
+
+    def _forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+        self._reordered.discard(request_id)
 
     @staticmethod
     def _completion(c: CompletionOutput, sent: dict[int, _SentSequence], full: bool) -> list[Any]:

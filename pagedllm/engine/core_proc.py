@@ -75,6 +75,9 @@ class _Router:
     def __init__(self, sockets: list) -> None:
         self._sockets = sockets
         self._encoder = EngineEncoder()
+        # The main thread decodes each command before the loop sees it (what the encoder learns from an
+        # add is in place before that request's first output).
+        self.decode_command = self._encoder.decode_command
         self._lock = threading.Lock()  # emit runs on the engine thread, heartbeats on the main thread
         self._owner: dict[str, int] = {}  # request id -> front end index (only with several front ends)
         self._ended: list[str] = []  # forgotten at the next stats snapshot, after their last message
@@ -189,7 +192,7 @@ def _serve(loop: EngineLoop, commands, router: _Router) -> int:  # noqa: ANN001 
             continue
         client, data = commands.recv_multipart()
         try:
-            command = EngineEncoder.decode_command(data)
+            command = router.decode_command(data)
         except ValueError:
             logger.exception("dropping a malformed command")
             continue

@@ -15,10 +15,10 @@ from pagedllm.sampling_params import BeamSearchParams, SamplingParams, Structure
 from tests.engine.test_messages import MESSAGES
 
 
-def _pair(*request_ids: str) -> tuple[EngineEncoder, ClientDecoder]:
+def _pair(*request_ids: str, params: SamplingParams | None = None) -> tuple[EngineEncoder, ClientDecoder]:
     enc, dec = EngineEncoder(), ClientDecoder()
     for rid in request_ids:  # the front end registers a request when it sends its add
-        enc.decode_command(dec.encode_command(m.AddRequest(rid, [1, 2, 3], SamplingParams())))
+        enc.decode_command(dec.encode_command(m.AddRequest(rid, [1, 2, 3], params or SamplingParams())))
     return enc, dec
 
 
@@ -78,7 +78,9 @@ def test_outputs_travel_as_deltas_and_come_back_cumulative() -> None:
         sizes.append(len(data))
         assert dec.decode(data).outputs == [_step(n)]
     assert sizes[-1] <= sizes[1] + 8  # a step costs the new token, not the whole sequence so far
-    assert dec.decode(enc.encode(m.RequestOutputs([_step(40, finished=True)]))).outputs == [_step(40, True)]
+    last = enc.encode(m.RequestOutputs([_step(40, finished=True)]))
+    assert len(last) <= sizes[1] + 16  # the finish too (its logprobs are not sent again)
+    assert dec.decode(last).outputs == [_step(40, True)]
     # Finished: both ends forgot it; a late output for it is dropped, not resurrected.
     assert dec.decode(enc.encode(m.RequestOutputs([_step(41)]))).outputs == []
 
@@ -90,11 +92,20 @@ def test_text_that_is_not_an_extension_is_sent_whole() -> None:
     assert dec.decode(enc.encode(m.RequestOutputs([revised]))).outputs == [revised]
 
 
-def test_best_of_reordering_at_finish_is_rebuilt() -> None:
-    enc, dec = _pair("r1")
-    a, b = CompletionOutput(0, "aa", [1, 1], -1.0), CompletionOutput(1, "bbb", [2, 2, 2], -0.5)
+@pytest.mark.parametrize("params", [SamplingParams(n=1, best_of=2), SamplingParams(n=2, best_of=3)])
+def test_best_of_reordering_at_finish_is_rebuilt(params: SamplingParams) -> None:
+    enc, dec = _pair("r1", params=params)
+    # b's text extends a's but its tokens differ: a delta against a would be wrong.
+    a, b = CompletionOutput(0, "ab", [1, 1], -1.0), CompletionOutput(1, "abc", [2, 2, 2], -0.5)
     dec.decode(enc.encode(m.RequestOutputs([RequestOutput("r1", None, [1, 2, 3], [a, b], False)])))
     final = RequestOutput("r1", None, [1, 2, 3], [dataclasses.replace(b, index=0, finish_reason="stop")], True)
+    assert dec.decode(enc.encode(m.RequestOutputs([final]))).outputs == [final]
+
+
+def test_stop_string_trimmed_at_finish_is_rebuilt() -> None:
+    enc, dec = _pair("r1")
+    dec.decode(enc.encode(m.RequestOutputs([_step(3, text="Hello STO")])))
+    final = _step(3, finished=True, text="Hello ")  # the stop string "STOP" cut off the text
     assert dec.decode(enc.encode(m.RequestOutputs([final]))).outputs == [final]
 
 
