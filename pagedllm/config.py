@@ -233,7 +233,7 @@ class EngineArgs:
 
         if self.device == "auto" and torch.cuda.is_available():
             return self.quantization
-        _logger.info("CPU fast path: bf16 weights with fp32 activations (quantization=cpu_bf16), attention "
+        _logger.info("CPU fast path: bf16 weights and KV cache, fp32 activations (quantization=cpu_bf16), attention "
                      "backend %s, %d threads; --dtype float32 for exact fp32",
                      "cpu_sdpa" if self.attention_backend == "auto" else self.attention_backend,
                      torch.get_num_threads())

@@ -14,7 +14,8 @@ go to, which rows each sequence reads, the masks. A layer then costs
   (``(num_blocks * 2 * block_size, kvh, d)``: K of slot s is row
   ``(s // bs) * 2 * bs + s % bs``, its V ``block_size`` rows further);
 - for a fresh prefill (the whole context is in this step), SDPA over the step's
-  own K/V with ``is_causal``: nothing is read back from the cache;
+  own K/V with ``is_causal`` (rounded to the cache's dtype first, as a read would
+  give them): nothing is read back from the cache;
 - for all decodes together, one ``index_select`` of their K and V rows (padded to
   the longest context, the tail masked) and one SDPA call;
 - for a chunked or prefix-cached prefill, one ``index_select`` of its context and
@@ -93,6 +94,11 @@ class CpuSdpaAttentionBackend(AttentionBackend):
         output = torch.empty_like(query)
         for lo, hi in plan.zero:
             output[lo:hi] = 0
+        if plan.fresh and has_cache and kv_cache.dtype != key.dtype:
+            # A fresh prefill attends to its K/V as the cache holds them (rounded to bf16 / fp8), as every
+            # later read does: a prompt then gives the same tokens whether its context was computed in this
+            # step, in earlier chunks, or found in the prefix cache.
+            key, value = key.to(kv_cache.dtype).to(key.dtype), value.to(kv_cache.dtype).to(value.dtype)
         for lo, hi in plan.fresh:
             output[lo:hi] = _sdpa(query[lo:hi], key[lo:hi], value[lo:hi], scale, causal=True)
         for lo, hi, reads in plan.chunks:
