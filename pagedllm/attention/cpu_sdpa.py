@@ -55,7 +55,8 @@ class _StepPlan:
     write_keep: torch.Tensor | None  # (num_tokens,) bool when padding tokens (slot -1) are skipped
     fresh: list[tuple[int, int]] = field(default_factory=list)  # (lo, hi) token ranges of fresh prefills
     chunks: list[tuple[int, int, _Reads]] = field(default_factory=list)  # prefills after cached context
-    zero: list[tuple[int, int]] = field(default_factory=list)  # token ranges with nothing to attend
+    zero: list[tuple[int, int]] = field(default_factory=list)  # sequences' token ranges with nothing to attend
+    num_tokens: int = 0  # tokens of the sequences; rows past them are padding (CUDA-graph style), zeroed
     decode_tokens: torch.Tensor | None = None  # (n,) token index of each decode; None: tokens 0..n-1
     decodes: _Reads | None = None
     decode_only: bool = False  # decodes are the step's only tokens, in order: SDPA's output is the output
@@ -94,6 +95,7 @@ class CpuSdpaAttentionBackend(AttentionBackend):
         output = torch.empty_like(query)
         for lo, hi in plan.zero:
             output[lo:hi] = 0
+        output[plan.num_tokens:] = 0
         if plan.fresh and has_cache and kv_cache.dtype != key.dtype:
             # A fresh prefill attends to its K/V as the cache holds them (rounded to bf16 / fp8), as every
             # later read does: a prompt then gives the same tokens whether its context was computed in this
@@ -151,7 +153,7 @@ def _make_plan(metadata: AttentionMetadata, block_size: int, has_cache: bool) ->
             reads = _reads(metadata.block_tables[s:s + 1], [seq_len], block_size)
             reads.mask = _tail_causal_mask(q_len, seq_len, metadata.block_tables.device)[None, None]
             plan.chunks.append((lo, hi, reads))
-    plan.zero.append((starts[-1] if starts else 0, None))  # padding rows (CUDA-graph style batches)
+    plan.num_tokens = starts[-1] if starts else 0
     if decode_seqs:
         device = metadata.block_tables.device
         tokens = [starts[s] for s in decode_seqs]
@@ -160,7 +162,7 @@ def _make_plan(metadata: AttentionMetadata, block_size: int, has_cache: bool) ->
         tables = metadata.block_tables[torch.tensor(decode_seqs, device=device)]
         plan.decodes = _reads(tables, [seq_lens[s] for s in decode_seqs], block_size)
         plan.decode_only = plan.decode_tokens is None and not plan.fresh and not plan.chunks \
-            and all(lo == hi for lo, hi in plan.zero[:-1]) and starts[-1] == len(tokens)
+            and all(lo == hi for lo, hi in plan.zero) and plan.num_tokens == len(tokens)
     return plan
 
 
