@@ -215,11 +215,14 @@ class EngineArgs:
                              "parallelism yet (the n-gram method is)")
 
     # ---- component configs -------------------------------------------------
-    def model_config(self) -> ModelConfig:
+    def model_config(self, resolve_quantization: bool = True) -> ModelConfig:
+        """The model's settings; ``resolve_quantization=False`` (an API front end: config and tokenizer only)
+        leaves ``quantization`` as given instead of deciding the CPU fast path (which imports torch)."""
+        quantization = self.resolved_quantization() if resolve_quantization else self.quantization
         return ModelConfig(
             model=self.model, load_format=self.load_format, dtype=self.dtype,
             max_model_len=self.max_model_len, seed=self.seed, tokenizer=self.tokenizer,
-            quantization=self.resolved_quantization(), revision=self.revision, download_dir=self.download_dir,
+            quantization=quantization, revision=self.revision, download_dir=self.download_dir,
             chat_template=_read_chat_template(self.chat_template),
         )
 

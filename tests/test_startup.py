@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, Qwen3Config
 
 from pagedllm.loader import gguf_reader
-from pagedllm.loader.gguf_loader import gguf_hf_config
+from pagedllm.loader.gguf_config import gguf_hf_config
 from pagedllm.loader.resolve import default_model_path
 from pagedllm.loader.tokenizer import gguf_tokenizer
 from tests.loader.gguf_writer import write_gguf

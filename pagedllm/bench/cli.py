@@ -200,6 +200,9 @@ def _serve(ns: argparse.Namespace) -> dict:
     from pagedllm.engine.core_client import FrontEndModel
 
     model = FrontEndModel(engine_args)
+    from pagedllm.loader import resolve_model_source
+
+    resolve_model_source(model.model_config)  # the vocabulary size, without an engine to ask
     requests = _requests(ns, model.model_config.hf_config.vocab_size, model.tokenize if model.tokenizer else None)
     results: list[ServeResult] = []
 

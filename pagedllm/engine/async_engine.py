@@ -174,10 +174,14 @@ class AsyncEngine:
         """Front end ``index`` of the engine core process at ``addresses``; with ``process``, it owns the engine."""
         from pagedllm.engine.core_client import EngineCoreClient, FrontEndModel
 
-        def connect(emit: Callable[[EngineMessage], None]) -> EngineCoreClient:
-            return EngineCoreClient(addresses, index, emit, engine_pid, process)
+        model = FrontEndModel(args)  # the tokenizer loads while the engine process starts
 
-        return cls(FrontEndModel(args), max_waiting_requests, core=connect)  # type: ignore[arg-type]
+        def connect(emit: Callable[[EngineMessage], None]) -> EngineCoreClient:
+            client = EngineCoreClient(addresses, index, emit, engine_pid, process)
+            model.take_engine_facts(client.model_facts)  # type: ignore[arg-type] - set once ready
+            return client
+
+        return cls(model, max_waiting_requests, core=connect)  # type: ignore[arg-type]
 
     # ---- public API (event loop) ---------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,

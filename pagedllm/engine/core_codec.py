@@ -190,7 +190,7 @@ class EngineEncoder:
             case m.StatsSnapshot():
                 return _pack([STATS, _stats_out(message.stats)])
             case m.EngineHeartbeat():
-                return _pack([HEARTBEAT, message.stalled_for, message.pid])
+                return _pack([HEARTBEAT, message.stalled_for, message.pid, message.model])
         raise TypeError(f"cannot send a {type(message).__name__} from the engine")
 
     def _output(self, output: RequestOutput) -> list[Any]:
@@ -282,7 +282,7 @@ class ClientDecoder:
         if kind == STATS:
             return m.StatsSnapshot(_stats_in(wire[1]))
         if kind == HEARTBEAT:
-            return m.EngineHeartbeat(wire[1], wire[2])
+            return m.EngineHeartbeat(wire[1], wire[2], wire[3])
         raise ValueError(f"unknown engine message kind {kind!r}")
 
     def _output(self, wire: list[Any]) -> RequestOutput | None:

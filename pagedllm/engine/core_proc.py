@@ -22,6 +22,7 @@ ends see as a dead engine.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine import messages as m
@@ -155,7 +157,7 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
         sys.exit(1)
     router = _Router(outputs)
     loop = EngineLoop(engine, router.emit)
-    code = _serve(loop, commands, router)
+    code = _serve(loop, commands, router, model_facts(engine.model_config))
     if loop.is_alive():  # marked dead, still ticking: stop it now
         loop.send(m.Shutdown())
     loop.join(10.0)
@@ -175,7 +177,13 @@ def _report_startup_failure(addresses: CoreAddresses, error: Exception) -> None:
         f.write(f"{type(error).__name__}\n{error}")
 
 
-def _serve(loop: EngineLoop, commands, router: _Router) -> int:  # noqa: ANN001 - a zmq socket
+def model_facts(model_config: Any) -> str:
+    """What a front end needs of the resolved model (``FrontEndModel.take_engine_facts``), as JSON."""
+    return json.dumps({"max_model_len": model_config.max_model_len,
+                       "hf_config": json.loads(model_config.hf_config.to_json_string(use_diff=False))})
+
+
+def _serve(loop: EngineLoop, commands, router: _Router, model: str) -> int:  # noqa: ANN001 - a zmq socket
     """Feed commands to the loop until Shutdown (0) or the loop's death (1); heartbeat meanwhile."""
     import zmq
 
@@ -186,7 +194,7 @@ def _serve(loop: EngineLoop, commands, router: _Router) -> int:  # noqa: ANN001 
     while loop.is_alive() and loop.dead is None:  # dead (e.g. a worker died): exit, the front ends see it
         now = time.monotonic()
         if now >= next_beat:  # the first one also tells the front ends the engine is ready
-            router.emit(m.EngineHeartbeat(loop.stalled_for(), pid))
+            router.emit(m.EngineHeartbeat(loop.stalled_for(), pid, model))
             next_beat = now + HEARTBEAT_S
         if not poller.poll(HEARTBEAT_S * 1000):
             continue

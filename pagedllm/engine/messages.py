@@ -101,11 +101,15 @@ class EngineHeartbeat:
     """The engine process is alive: sent to every front end twice a second (engine/core_proc.py).
 
     ``stalled_for`` is ``EngineLoop.stalled_for()`` when it was sent; a front end
-    that hears nothing for a few seconds declares the engine dead.
+    that hears nothing for a few seconds declares the engine dead. ``model`` is the
+    engine's resolved model as JSON (``max_model_len`` and the HF config's fields):
+    a front end takes it from the first heartbeat instead of importing torch to
+    build a transformers config itself.
     """
 
     stalled_for: float = 0.0
     pid: int = 0
+    model: str = ""
 
 
 EngineMessage = AddResult | RequestOutputs | RequestsEnded | RequestRecords | StatsSnapshot | EngineHeartbeat

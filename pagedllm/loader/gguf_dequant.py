@@ -1,7 +1,7 @@
 """Dequantizing GGUF tensors: the common llama.cpp block formats over whole tensors, the rest through gguf.
 
 gguf's numpy code splits a tensor into groups of rows and loops over them; Q4_0,
-Q4_1 and Q8_0 are done here over the whole tensor at once, with the same float32
+Q4_1 and Q8_0 are done here over whole rows (chunks of them), with the same float32
 arithmetic (bit for bit: tests/test_startup.py checks it). numpy, not torch: a
 torch thread pool on a busy 2-core machine spins instead of working (25x slower
 measured). Other types go to ``gguf.dequantize``.
@@ -17,6 +17,10 @@ from typing import Any
 
 import numpy as np
 
+# Rows dequantized per pass: the temporaries of a pass (a few float32 copies) stay ~4 MB, not a few times the
+# tensor (the 113 MB float32 embedding of SmolLM2 made the load's memory peak).
+_CHUNK_ELEMENTS = 1 << 20
+
 
 def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
     """float32 ``(rows, elements per row)`` from uint8 ``(rows, bytes per row)`` of GGML type ``qtype``."""
@@ -27,7 +31,11 @@ def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
         return gguf_dequantize(data, qtype)
     rows = data.shape[0]
     blocks = data.reshape(rows, -1, _TYPE_SIZES[qtype.name])  # (rows, blocks, bytes per block)
-    return fast(blocks).reshape(rows, -1)
+    out = np.empty((rows, blocks.shape[1] * 32), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // out.shape[1])
+    for start in range(0, rows, step):
+        out[start:start + step] = fast(blocks[start:start + step]).reshape(-1, out.shape[1])
+    return out
 
 
 def _scale(blocks: np.ndarray, start: int) -> np.ndarray:

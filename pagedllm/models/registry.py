@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from pagedllm.models.architectures import architecture_of
 from pagedllm.models.layers.parallel import divide, kv_heads_per_rank, pp_layer_range
 from pagedllm.models.llama import LlamaForCausalLM, get_head_dim
 
@@ -23,26 +24,9 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }
 
-# Configs built from GGUF metadata carry a model_type but no `architectures`.
-_MODEL_TYPE_TO_ARCH = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
-
-
-def architecture_of(hf_config: Any) -> str:
-    """The config's first `architectures` entry, or the one implied by its model_type."""
-    archs = getattr(hf_config, "architectures", None) or []
-    if archs:
-        return archs[0]
-    model_type = getattr(hf_config, "model_type", None)
-    return _MODEL_TYPE_TO_ARCH.get(model_type, f"<model_type {model_type!r}>")
 
 
 def get_model_class(hf_config: Any) -> type[nn.Module]:

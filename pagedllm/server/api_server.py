@@ -571,11 +571,13 @@ def _serve_processes(argv: list[str], args: argparse.Namespace, engine_args: Eng
 def _precheck_lora_modules(engine_args: EngineArgs, modules: list[LoRAModulePath] | None) -> None:
     """Before the model loads: --lora-modules needs --enable-lora, and each adapter's config must be servable."""
     lora_config = engine_args.lora_config()
-    if modules and lora_config is None:
+    if not modules:
+        return
+    if lora_config is None:
         raise ValueError("--lora-modules needs --enable-lora")
-    from pagedllm.lora.adapter import read_adapter_config
+    from pagedllm.lora.adapter import read_adapter_config  # imports torch: only when there are adapters
 
-    for module in modules or []:
+    for module in modules:
         read_adapter_config(module.path, lora_config.max_lora_rank)
 
 

@@ -471,7 +471,6 @@ def constraint_fields(request: Any) -> dict[str, Any]:
 def _structured_outputs_spec(request: Any) -> Any:
     """The one StructuredOutputsParams the request asks for (None: unconstrained), parsed to catch bad specs."""
     from pagedllm.sampling_params import StructuredOutputsParams
-    from pagedllm.structured_output.backend import parse_grammar
 
     sources: list[tuple[str, dict[str, Any]]] = []  # (field the client sent, StructuredOutputsParams kwargs)
     rf = request.response_format
@@ -484,6 +483,8 @@ def _structured_outputs_spec(request: Any) -> Any:
             sources.append((name, {kind: getattr(request, name)}))
     if not sources:
         return None
+    from pagedllm.structured_output.backend import parse_grammar
+
     if len(sources) > 1:
         names = " and ".join(name for name, _ in sources)
         raise bad_request(f"only one output constraint may be given, got {names}", sources[1][0])

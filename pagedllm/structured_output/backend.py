@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.sampling_params import StructuredOutputsParams
 
 # xgrammar's C++ errors start with "[12:00:00] /project/cpp/file.cc:123: "; the user needs what follows.
+if TYPE_CHECKING:  # the API front end parses grammars here without importing torch
+    import torch
+
 _CPP_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
 
 

@@ -63,6 +63,11 @@ def _wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+def _maps_torch(pid: int) -> bool:
+    """Whether the process has torch's shared library mapped (it imported torch)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def _fresh_get(url: str) -> httpx.Response:
     # A new connection each time: the kernel picks a front end per connection (SO_REUSEPORT).
     with httpx.Client(timeout=30) as client:
@@ -105,6 +110,17 @@ def test_two_front_ends_share_the_engine_fail_fast_on_its_death_and_die_with_the
             counts[started.group(1)] = sum(
                 float(v) for v in re.findall(r'^pagedllm:request_success_total\{[^}]*\} (\S+)', text, re.M))
         assert len(counts) == 2 and min(counts.values()) > 0 and sum(counts.values()) <= 16, counts
+        # The front ends import no torch (their model config comes from the engine's first heartbeat): both
+        # report the engine's limit, and tokenizing / chat templates / detokenizing ran without torch.
+        for _ in range(4):
+            models = _fresh_get(f"{base}/v1/models").json()["data"]
+            assert [m["max_model_len"] for m in models] == [256], models
+        with httpx.Client(timeout=60) as client:
+            r = client.post(f"{base}/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True})
+        assert r.status_code == 200 and "[DONE]" in r.text, r.text
+        assert not _maps_torch(proc.pid) and not _maps_torch(front_end)
+        assert _maps_torch(engine)  # the check sees torch where it is loaded
 
         result: dict = {}
         reader = threading.Thread(target=_stream, args=(base, result))
