@@ -16,10 +16,24 @@ go to, which rows each sequence reads, the masks. A layer then costs
 - for a fresh prefill (the whole context is in this step), SDPA over the step's
   own K/V with ``is_causal`` (rounded to the cache's dtype first, as a read would
   give them): nothing is read back from the cache;
-- for all decodes together, one ``index_select`` of their K and V rows (padded to
-  the longest context, the tail masked) and one SDPA call;
-- for a chunked or prefix-cached prefill, one ``index_select`` of its context and
-  SDPA with the causal mask of its last ``q_len`` positions.
+- for all short queries together (decodes, and up to ``SHORT_QUERY`` new tokens
+  after cached context: a speculative verification), one ``index_select`` of
+  their K and V rows and one SDPA call in which every query token attends alone
+  (``_ShortQueries``);
+- for a longer chunk after cached context (chunked or prefix-cached prefill), one
+  ``index_select`` of its context and SDPA with the causal mask of its last
+  ``q_len`` positions.
+
+Short queries give the same numbers whatever else is in the step. SDPA's CPU
+kernel sums over the keys in vector lanes plus a scalar tail, so a context padded
+to a different length (a longer sequence in the batch) and a query block of a
+different size both change the rounding, and a greedy path can part at a near-tie
+(with bf16 weights, whose inputs are rounded, often). So every context is padded
+to a multiple of ``PAD`` keys (the masked tail adds exact zeros), and the tokens of
+a sequence go into SDPA's heads dimension, each a one-token query with its own key
+mask, not into its query dimension: a verified draft is computed exactly as the
+plain decode at its position would be (speculative decoding's greedy output equals
+plain decoding's, tests/spec_decode), and a decode does not depend on its batch.
 
 Same interface and numerics contract as the reference (softmax in fp32 inside the
 kernel); tests/cpu/test_cpu_attention.py checks it against torch_ref.
@@ -35,6 +49,11 @@ import torch.nn.functional as F
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, as_kv_dtype, kv_bytes
 from pagedllm.attention.torch_ref import _host_list
 
+# Contexts of short queries are padded to a multiple of this many keys (a multiple of every CPU vector width).
+PAD = 16
+# New tokens after cached context up to which each token attends alone (speculative verification is k + 1).
+SHORT_QUERY = 16
+
 
 @dataclass
 class _Reads:
@@ -48,6 +67,33 @@ class _Reads:
 
 
 @dataclass
+class _ShortQueries:
+    """n sequences with cached context and 1..``SHORT_QUERY`` new tokens each, ``width`` slots per sequence
+    (the most tokens of any; a shorter one repeats its last token, whose output is dropped). In SDPA a
+    sequence is one batch row whose heads dimension holds (head, token) pairs, each a one-token query
+    over the sequence's context with its own key mask; GQA's head grouping still maps each pair to its
+    head's K/V head."""
+
+    reads: _Reads  # the n contexts, padded to a multiple of PAD; mask (n, 1, width, length) or None
+    width: int
+    q_index: torch.Tensor | None  # (n * width,) the query row of each slot; None: rows 0 .. n*width-1
+    valid: torch.Tensor | None  # (tokens,) the slots that are real tokens, in token order; None: all
+    tokens: torch.Tensor | None  # (tokens,) their query rows; None: 0 .. n*width-1
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # per head count: (n, h*width, 1, length)
+
+    def mask(self, num_heads: int) -> torch.Tensor | None:
+        """The key mask of every (head, token) pair, built by the first layer of the step."""
+        mask = self.reads.mask
+        if mask is None or self.width == 1:
+            return mask
+        if num_heads not in self.masks:
+            n, length = self.reads.n, self.reads.length
+            self.masks[num_heads] = mask.expand(n, num_heads, self.width, length).reshape(
+                n, num_heads * self.width, 1, length)
+        return self.masks[num_heads]
+
+
+@dataclass
 class _StepPlan:
     """What every layer of one step does, worked out once (see the module docstring)."""
 
@@ -57,9 +103,8 @@ class _StepPlan:
     chunks: list[tuple[int, int, _Reads]] = field(default_factory=list)  # prefills after cached context
     zero: list[tuple[int, int]] = field(default_factory=list)  # sequences' token ranges with nothing to attend
     num_tokens: int = 0  # tokens of the sequences; rows past them are padding (CUDA-graph style), zeroed
-    decode_tokens: torch.Tensor | None = None  # (n,) token index of each decode; None: tokens 0..n-1
-    decodes: _Reads | None = None
-    decode_only: bool = False  # decodes are the step's only tokens, in order: SDPA's output is the output
+    short: _ShortQueries | None = None  # decodes and verifications
+    short_only: bool = False  # short queries are the step's only tokens, in order: SDPA's output is the output
 
 
 class CpuSdpaAttentionBackend(AttentionBackend):
@@ -90,8 +135,8 @@ class CpuSdpaAttentionBackend(AttentionBackend):
             num_blocks, _, block_size, num_kv_heads, head_dim = kv_cache.shape
             flat = kv_bytes(kv_cache).view(num_blocks * 2 * block_size, num_kv_heads, head_dim)
             _write(flat, key, value, plan, block_size, kv_cache)
-        if plan.decode_only and query.shape[0] == plan.decodes.n:  # no padding rows either
-            return _attend(query.unsqueeze(2), flat, kv_cache, plan.decodes, scale).squeeze(2)
+        if plan.short_only and query.shape[0] == plan.num_tokens:  # no padding rows either
+            return _attend_short(query, flat, kv_cache, plan.short, scale)
         output = torch.empty_like(query)
         for lo, hi in plan.zero:
             output[lo:hi] = 0
@@ -106,14 +151,15 @@ class CpuSdpaAttentionBackend(AttentionBackend):
         for lo, hi, reads in plan.chunks:
             output[lo:hi] = _attend(query[lo:hi].transpose(0, 1)[None], flat, kv_cache, reads, scale)[0] \
                 .transpose(0, 1)
-        if plan.decodes is not None:
-            n = plan.decodes.n
-            q = query[:n] if plan.decode_tokens is None else query[plan.decode_tokens]
-            out = _attend(q.unsqueeze(2), flat, kv_cache, plan.decodes, scale).squeeze(2)
-            if plan.decode_tokens is None:
-                output[:n] = out
+        short = plan.short
+        if short is not None:
+            out = _attend_short(query, flat, kv_cache, short, scale)
+            if short.valid is not None:
+                out = out[short.valid]
+            if short.tokens is None:
+                output[:out.shape[0]] = out
             else:
-                output[plan.decode_tokens] = out
+                output[short.tokens] = out
         return output
 
     def _plan_for(self, metadata: AttentionMetadata, block_size: int, has_cache: bool) -> _StepPlan:
@@ -134,7 +180,7 @@ def _make_plan(metadata: AttentionMetadata, block_size: int, has_cache: bool) ->
             slots = slots[write_keep]
         write_rows = slots + (slots // block_size) * block_size  # block * 2 * bs + offset
     plan = _StepPlan(write_rows, write_keep)
-    decode_seqs = []
+    short_seqs = []
     for s, seq_len in enumerate(seq_lens):
         lo, hi = starts[s], starts[s + 1]
         q_len = hi - lo
@@ -147,39 +193,65 @@ def _make_plan(metadata: AttentionMetadata, block_size: int, has_cache: bool) ->
                 f"attention without a KV cache needs fresh prefills, but sequence {s} has "
                 f"{q_len} new tokens and seq_len {seq_len}"
             )
-        elif q_len == 1:
-            decode_seqs.append(s)
+        elif q_len <= SHORT_QUERY:
+            short_seqs.append(s)
         else:  # a chunk after cached context: the last q_len positions of the causal mask
             reads = _reads(metadata.block_tables[s:s + 1], [seq_len], block_size)
             reads.mask = _tail_causal_mask(q_len, seq_len, metadata.block_tables.device)[None, None]
             plan.chunks.append((lo, hi, reads))
     plan.num_tokens = starts[-1] if starts else 0
-    if decode_seqs:
-        device = metadata.block_tables.device
-        tokens = [starts[s] for s in decode_seqs]
-        if tokens != list(range(len(tokens))):
-            plan.decode_tokens = torch.tensor(tokens, device=device)
-        tables = metadata.block_tables[torch.tensor(decode_seqs, device=device)]
-        plan.decodes = _reads(tables, [seq_lens[s] for s in decode_seqs], block_size)
-        plan.decode_only = plan.decode_tokens is None and not plan.fresh and not plan.chunks \
-            and all(lo == hi for lo, hi in plan.zero) and plan.num_tokens == len(tokens)
+    if short_seqs:
+        plan.short = _short_queries(metadata, short_seqs, seq_lens, starts, block_size)
+        plan.short_only = plan.short.q_index is None and plan.short.valid is None and not plan.fresh \
+            and not plan.chunks and all(lo == hi for lo, hi in plan.zero) \
+            and plan.num_tokens == plan.short.reads.n * plan.short.width
     return plan
 
 
-def _reads(tables: torch.Tensor, lens: list[int], block_size: int) -> _Reads:
-    """The cache rows of n contexts (``tables`` (n, max_blocks), ``lens`` their lengths), padded to the
-    longest; the padding reads row 0 and is masked."""
-    length = max(lens)
+def _short_queries(metadata: AttentionMetadata, seqs: list[int], seq_lens: list[int], starts: list[int],
+                   block_size: int) -> _ShortQueries:
+    """The plan of the short queries of sequences ``seqs`` (see ``_ShortQueries``)."""
+    device = metadata.block_tables.device
+    q_lens = [starts[s + 1] - starts[s] for s in seqs]
+    width = max(q_lens)
+    q_rows, key_lens, valid, tokens = [], [], [], []
+    for i, (s, q_len) in enumerate(zip(seqs, q_lens)):
+        first = seq_lens[s] - q_len  # the position of the sequence's first new token
+        for t in range(width):
+            u = min(t, q_len - 1)
+            q_rows.append(starts[s] + u)
+            key_lens.append(first + u + 1)  # a token sees the keys up to its own position
+            if t < q_len:
+                valid.append(i * width + t)
+                tokens.append(starts[s] + t)
+    identity = list(range(len(q_rows)))
+    reads = _reads(metadata.block_tables[torch.tensor(seqs, device=device)], key_lens, block_size,
+                   per_context=width, pad=PAD)
+    return _ShortQueries(
+        reads, width,
+        q_index=None if q_rows == identity else torch.tensor(q_rows, device=device),
+        valid=None if valid == identity else torch.tensor(valid, device=device),
+        tokens=None if tokens == list(range(len(tokens))) else torch.tensor(tokens, device=device),
+    )
+
+
+def _reads(tables: torch.Tensor, lens: list[int], block_size: int, per_context: int = 1, pad: int = 1) -> _Reads:
+    """The cache rows of n contexts (``tables`` (n, max_blocks)) read by ``per_context`` queries each, which
+    see the first ``lens`` (n * per_context) keys; padded to the longest, rounded up to a multiple of
+    ``pad``. The padding reads row 0; keys past a query's length are masked: mask (n, 1, per_context,
+    length), None when every query sees every key."""
+    length = -(-max(lens) // pad) * pad
     device = tables.device
     pos = torch.arange(length, device=device)
-    k_rows = tables[:, pos // block_size].long() * (2 * block_size) + pos % block_size  # (n, length)
+    context = pos[None, :] < torch.tensor(lens, device=device).view(-1, per_context).amax(1)[:, None]
+    k_rows = tables[:, (pos // block_size).clamp(max=tables.shape[1] - 1)].long() * (2 * block_size) \
+        + pos % block_size  # (n, length)
+    k_rows = torch.where(context, k_rows, 0)
     mask = None
     if any(n != length for n in lens):
-        valid = pos[None, :] < torch.tensor(lens, device=device)[:, None]  # (n, length)
-        k_rows = torch.where(valid, k_rows, 0)
-        mask = valid[:, None, None, :]
+        mask = (pos[None, :] < torch.tensor(lens, device=device)[:, None]).view(-1, 1, per_context, length)
     rows = torch.cat([k_rows.flatten(), k_rows.flatten() + block_size])
-    return _Reads(rows, len(lens), length, mask)
+    return _Reads(rows, tables.shape[0], length, mask)
 
 
 def _write(flat: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: _StepPlan, block_size: int,
@@ -199,16 +271,35 @@ def _attend(
     kv_cache: torch.Tensor,
     reads: _Reads,
     scale: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (n, num_heads, q_len, head_dim)
-    """SDPA of n queries over their contexts, read from the cache in one ``index_select``."""
+    """SDPA of n queries over their contexts, read from the cache in one ``index_select``; ``mask`` in place
+    of ``reads.mask``."""
     kv = flat.index_select(0, reads.rows)
     if kv.dtype != kv_cache.dtype:  # fp8 bytes
         kv = kv.view(kv_cache.dtype)
     kv = kv.view(2, reads.n, reads.length, *flat.shape[1:]).transpose(2, 3)  # (2, n, kvh, length, d)
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
-    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=reads.mask, scale=scale,
+    mask = reads.mask if mask is None else mask
+    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != kv.shape[2])
+
+
+def _attend_short(
+    query: torch.Tensor,  # (num_tokens, num_heads, head_dim)
+    flat: torch.Tensor,
+    kv_cache: torch.Tensor,
+    short: _ShortQueries,
+    scale: float,
+) -> torch.Tensor:  # (n * width, num_heads, head_dim): each slot's output (``short.valid`` picks the tokens)
+    n, width = short.reads.n, short.width
+    q = query[: n * width] if short.q_index is None else query[short.q_index]
+    num_heads, head_dim = q.shape[1:]
+    # (n, width, h, d) -> (n, h * width, 1, d): sequence-major batch, (head, token) pairs as heads
+    q = q.view(n, width, num_heads, head_dim).transpose(1, 2).reshape(n, num_heads * width, 1, head_dim)
+    out = _attend(q, flat, kv_cache, short.reads, scale, short.mask(num_heads))
+    return out.view(n, num_heads, width, head_dim).transpose(1, 2).reshape(n * width, num_heads, head_dim)
 
 
 def _sdpa(
