@@ -44,6 +44,12 @@ def check_quant_types(path: str) -> None:
         seen.add(tensor.tensor_type)
 
 
+def linear_weight_types(path: str) -> set[str]:
+    """The GGML types of the file's matrices other than the embedding and the output head (its linear layers)."""
+    return {t.tensor_type.name for t in read_gguf(path).tensors
+            if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight")}
+
+
 def count_gguf_tensors(path: str) -> int:
     return len(read_gguf(path).tensors)
 

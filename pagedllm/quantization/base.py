@@ -13,8 +13,11 @@ slice is stored and multiplied. ``UnquantizedLinearMethod`` is the dense one.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +26,33 @@ from torch import nn
 
 # The layer's loader set on each parameter: (param, checkpoint tensor, shard id or None).
 WeightLoader = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The shape of the step a forward computes, for a method that picks its kernel per step rather than per
+    matmul size: every token of a step then goes through the same weights, whatever the step's row count."""
+
+    num_seqs: int
+    decoding: bool  # every sequence's new tokens are past its prompt (decodes, speculative verification)
+
+
+_STEP_SHAPE: ContextVar[StepShape | None] = ContextVar("pagedllm_step_shape", default=None)
+
+
+@contextlib.contextmanager
+def step_shape(num_seqs: int, decoding: bool) -> Iterator[None]:
+    """The model runner's forward of one step runs inside this (``current_step_shape`` reads it)."""
+    token = _STEP_SHAPE.set(StepShape(num_seqs, decoding))
+    try:
+        yield
+    finally:
+        _STEP_SHAPE.reset(token)
+
+
+def current_step_shape() -> StepShape | None:
+    """The shape of the step being computed; None outside a model runner's step (a layer called directly)."""
+    return _STEP_SHAPE.get()
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -16,6 +16,23 @@ which costs one pass over the weight, small next to a large GEMM.
 Memory: half the weights of float32, the embedding / LM head matrix included
 (``get_embedding_method``). Accuracy: bf16 keeps
 8 bits of mantissa; docs/CPU.md has the measured greedy agreement and perplexity.
+
+int4 for decode steps (``int4_seqs`` > 0; on by default for a GGUF whose linear
+weights are 4-bit, ``model_loader``): each linear also keeps its weight as 4-bit
+integers in groups of 32 with a bf16 scale and zero point, packed for
+``torch._weight_int4pack_mm_for_cpu``, a quarter of the bf16 bytes. A step of
+at most ``int4_seqs`` sequences that are all past their prompts (decodes,
+speculative verification: ``StepShape``) multiplies by it; every other step by
+the bf16 weight. The choice is per step, not per matmul size, so a decode and
+the verification of its drafts use the same weights (speculative greedy output
+equals plain greedy output), and a prompt's tokens always go through bf16,
+whether it is prefilled whole or in chunks (a short last chunk included). From a Q4_0/Q4_1 GGUF the 4-bit values are the
+file's own: every block of those formats holds its minimum and maximum code, so
+grouping the dequantized weight by 32 and quantizing it again recovers each code
+exactly (``quantize_int4``); only the scale and zero point round to bf16.
+
+    decode step of <= int4_seqs seqs     y = int4pack_mm(x.bf16, Q4, scale|zero).float()
+    otherwise                            the bf16 rules above
 """
 
 from __future__ import annotations
@@ -32,11 +49,29 @@ from pagedllm.quantization.base import (
     UnquantizedLinearMethod,
     WeightLoader,
     copy_weight,
+    current_step_shape,
 )
 
 # Above this many rows the weight is widened to fp32 unless the CPU has native bf16 (AMX / AVX512-BF16).
 # 16 covers batch-1 decode and small decode batches; measured crossover on an AVX2 EPYC: see docs/CPU.md.
 DEFAULT_GEMV_ROWS = 16
+# int4: steps of at most this many sequences (decodes / verifications) use the int4 weights. Measured on an
+# AVX-512 Xeon (docs/CPU.md): int4 is 4.6x faster than bf16 at 1 row, equal at ~16 rows, 3x slower at 64.
+DEFAULT_INT4_SEQS = 4
+INT4_GROUP = 32
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (n, k) in 0..15, scale (n, k / 32), minimum (n, k / 32)), float32: w ~ codes * scale + min
+    per group of 32 inputs. A group that holds its own minimum and maximum code (every Q4_0 / Q4_1 block does)
+    gets its codes back exactly."""
+    n, k = weight.shape
+    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = (high - low) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    return codes.view(n, k), scale, low
 
 
 def native_bf16_matmul() -> bool:
@@ -46,16 +81,26 @@ def native_bf16_matmul() -> bool:
 
 
 class CpuBf16LinearMethod(QuantizationMethod):
-    """``weight`` (output_size, input_size) in bfloat16; bias and activations in the model dtype."""
+    """``weight`` (output_size, input_size) in bfloat16; bias and activations in the model dtype. With
+    ``int4_seqs``, also ``int4_weight`` (packed codes) and ``int4_scale_zero`` (k / 32, n, 2) bf16 buffers,
+    filled once every row of the weight is loaded."""
 
-    def __init__(self, gemv_rows: int) -> None:
+    def __init__(self, gemv_rows: int, int4_seqs: int = 0) -> None:
         self.gemv_rows = gemv_rows
+        self.int4_seqs = int4_seqs
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_size: int, bias: bool, weight_loader: WeightLoader
     ) -> None:
         UnquantizedLinearMethod().create_weights(layer, input_size, output_size, bias, weight_loader)
         layer.weight.data = layer.weight.data.to(torch.bfloat16)
+        if self.int4_seqs and input_size % INT4_GROUP == 0:
+            layer.register_buffer("int4_weight", None, persistent=False)
+            layer.register_buffer("int4_scale_zero", None, persistent=False)
+            # Codes, scales and minimums of the rows loaded so far (a fused layer loads by shards).
+            layer.int4_staging = (torch.empty(output_size, input_size, dtype=torch.uint8),
+                                  torch.empty(2, output_size, input_size // INT4_GROUP))
+            layer.int4_rows_loaded = 0
 
     def weight_loader(
         self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
@@ -63,12 +108,47 @@ class CpuBf16LinearMethod(QuantizationMethod):
     ) -> None:
         dst = param.data if output_span is None else param.data.narrow(0, *output_span)
         copy_weight(dst, loaded_weight)  # copy_ rounds to the parameter's dtype (bf16 for the weight)
+        if param is layer.weight and getattr(layer, "int4_staging", None) is not None:
+            self._stage_int4(layer, loaded_weight, output_span or (0, dst.shape[0]))
+
+    @staticmethod
+    def _stage_int4(layer: nn.Module, loaded_weight: torch.Tensor, span: tuple[int, int]) -> None:
+        """Quantize these rows from the checkpoint's values (not the bf16 copy); pack once all are in."""
+        codes, params = layer.int4_staging
+        q, scale, low = quantize_int4(loaded_weight)
+        codes.narrow(0, *span).copy_(q)
+        params[0].narrow(0, *span).copy_(scale)
+        params[1].narrow(0, *span).copy_(low)
+        layer.int4_rows_loaded += span[1]
+        if layer.int4_rows_loaded < codes.shape[0]:
+            return
+        # The kernel computes w = (code - 8) * scale + zero: zero = min + 8 * scale.
+        scale, low = params[0], params[1]
+        layer.int4_scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1) \
+            .contiguous().to(torch.bfloat16)  # (k / 32, n, 2)
+        layer.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        layer.int4_staging = None
+
+    def uses_int4(self, layer: nn.Module, rows: int) -> bool:
+        """Whether this step multiplies by the int4 weight (see the module docstring)."""
+        if not self.int4_seqs or getattr(layer, "int4_weight", None) is None:
+            return False
+        shape = current_step_shape()
+        if shape is None:  # called outside a model runner's step: by the matmul's rows
+            return rows <= self.int4_seqs
+        return shape.decoding and shape.num_seqs <= self.int4_seqs
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         weight = layer.weight
+        rows = x.numel() // x.shape[-1]
+        if self.uses_int4(layer, rows):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(rows, x.shape[-1]).to(torch.bfloat16), layer.int4_weight, INT4_GROUP,
+                layer.int4_scale_zero).view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+            return y if bias is None else y + bias
         if x.dtype == weight.dtype:
             return F.linear(x, weight, bias)
-        if x.numel() // x.shape[-1] <= self.gemv_rows:
+        if rows <= self.gemv_rows:
             y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
             return y if bias is None else y + bias
         # Input and output rounded to bf16 as the GEMV path rounds them, so a row's result does not depend
@@ -82,16 +162,18 @@ class CpuBf16Config(QuantizationConfig):
 
     name = "cpu_bf16"
 
-    def __init__(self, gemv_rows: int = DEFAULT_GEMV_ROWS) -> None:
+    def __init__(self, gemv_rows: int = DEFAULT_GEMV_ROWS, int4_seqs: int = 0) -> None:
         # With native bf16 GEMMs every batch size stays in bf16 (no widening pass).
         self.gemv_rows = 1 << 62 if native_bf16_matmul() else gemv_rows
+        self.int4_seqs = int4_seqs  # 0: no int4 copy; set before the model is built
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> CpuBf16Config:
-        return cls(int(hf_quant_config.get("gemv_rows", DEFAULT_GEMV_ROWS)))
+        return cls(int(hf_quant_config.get("gemv_rows", DEFAULT_GEMV_ROWS)),
+                   int(hf_quant_config.get("int4_seqs", 0)))
 
     def get_linear_method(self, layer: nn.Module) -> QuantizationMethod:
-        return CpuBf16LinearMethod(self.gemv_rows)
+        return CpuBf16LinearMethod(self.gemv_rows, self.int4_seqs)
 
     def get_embedding_method(self) -> QuantizationMethod:
         # The LM head is the largest matrix of a small model (SmolLM2: 28M of 135M weights).

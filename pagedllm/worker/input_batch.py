@@ -68,6 +68,8 @@ class FlatBatch:
     # Every request samples exactly one token (every decode step): the per-request bookkeeping
     # of the sampled tokens takes its short path.
     one_sample_each: bool = False
+    # Every request's new tokens are past its prompt (decodes, speculative verification): no prompt chunk.
+    decoding: bool = False
     # Speculative decoding: per sampled position (logits_indices order), the draft it verifies,
     # -1 on each request's last position (its bonus token); None when no request has drafts.
     draft_ids: np.ndarray | None = None
@@ -283,7 +285,8 @@ class InputBatch:
             query_start_loc=query_start_loc, seq_lens=seq_lens,
             block_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
             num_sampled_tokens=num_sampled, logits_indices=logits_indices,
-            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), one_sample_each=one_each)
+            max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), one_sample_each=one_each,
+            decoding=bool((starts >= self.num_prompt_tokens[rows]).all()))
 
     def _prepare_spec(self, req_ids: list[str], rows: np.ndarray, counts: np.ndarray, block_size: int,
                       spec_tokens: dict[str, list[int]]) -> FlatBatch:

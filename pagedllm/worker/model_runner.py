@@ -31,6 +31,7 @@ from pagedllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerCon
 from pagedllm.core.outputs import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from pagedllm.models.layers.parallel import ParallelState, recv_activations, send_activations
 from pagedllm.models.layers.sampler import Sampler, SamplerOutput
+from pagedllm.quantization.base import step_shape
 from pagedllm.spec_decode import NgramProposer, Proposer
 from pagedllm.spec_decode.draft_model import DraftModel
 from pagedllm.spec_decode.rejection_sampler import RejectionSampler
@@ -251,7 +252,8 @@ class ModelRunner:
         if not p.is_first_stage:
             intermediate = recv_activations(len(batch.input_ids), self.model_config.hf_config.hidden_size,
                                             self.dtype, self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, md, intermediate)
+        with step_shape(len(batch.req_ids), batch.decoding):  # cpu_bf16's int4 weights: small decode steps
+            hidden = self.model(input_ids, positions, self.kv_caches, md, intermediate)
         if not p.is_last_stage:
             send_activations(hidden)
             return None, logits_indices

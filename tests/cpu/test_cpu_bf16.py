@@ -70,3 +70,87 @@ def test_registered_and_configurable():
     assert isinstance(config, CpuBf16Config)
     with pytest.raises(ValueError, match="unknown method 'int3'"):
         EngineArgs(quantization="int3")
+
+
+# ---- int4 for decode steps (a Q4_1 GGUF's weights) -------------------------------------------------------
+def _q4_1(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 weight as a Q4_1 file dequantizes it, its 4-bit codes) from the gguf package's quantizer."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    w[0, :32] += 3.0  # a block far from zero: a large minimum next to a small spread
+    packed = quants.quantize(w, GGMLQuantizationType.Q4_1)  # (rows, cols / 32 * 20) bytes
+    blocks = packed.reshape(rows, cols // 32, 20)[..., 4:]
+    codes = np.concatenate([blocks & 0x0F, blocks >> 4], axis=-1).reshape(rows, cols)  # low nibbles first
+    dequantized = quants.dequantize(packed, GGMLQuantizationType.Q4_1)
+    return torch.from_numpy(dequantized.reshape(rows, cols)), torch.from_numpy(codes.astype(np.uint8))
+
+
+def test_quantize_int4_recovers_the_q4_1_codes():
+    from pagedllm.quantization.cpu_bf16 import quantize_int4
+
+    w, codes = _q4_1(48, 128)
+    q, scale, low = quantize_int4(w)
+    assert torch.equal(q, codes)
+    rebuilt = q.float().view(48, 4, 32) * scale[..., None] + low[..., None]
+    torch.testing.assert_close(rebuilt.view(48, 128), w, rtol=1e-6, atol=1e-6)
+    # Control: a weight that is not on a 4-bit grid does not come back exactly.
+    noisy = w + torch.randn_like(w) * 1e-3
+    assert not torch.allclose(quantize_int4(noisy)[0].float().view(48, 4, 32) * scale[..., None] + low[..., None],
+                              noisy.view(48, 4, 32), atol=1e-6)
+
+
+def _int4_layer(w: torch.Tensor, fused: bool) -> torch.nn.Module:
+    n, k = w.shape
+    config = CpuBf16Config(int4_seqs=4)
+    if fused:  # loaded by shards, packed once the last shard is in
+        layer = QKVParallelLinear(k, 16, num_heads=n // 32, num_kv_heads=n // 64, quant_config=config)
+        q, kk, v = w.split([n // 2, n // 4, n // 4])
+        for shard, t in (("k", kk), ("q", q), ("v", v)):
+            assert layer.int4_weight is None
+            layer.weight.weight_loader(layer.weight, t, shard)
+    else:
+        layer = RowParallelLinear(k, n, bias=False, quant_config=config)
+        layer.weight.weight_loader(layer.weight, w)
+    assert layer.int4_weight is not None and layer.int4_staging is None
+    return layer
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_int4_weights_serve_decode_steps_and_bf16_the_rest(fused):
+    from pagedllm.quantization.base import step_shape
+    from pagedllm.quantization.cpu_bf16 import quantize_int4
+
+    torch.manual_seed(0)
+    w, _ = _q4_1(64, 128)
+    layer = _int4_layer(w, fused)
+    # What the int4 path computes: codes * bf16 scale + bf16 zero, times the bf16-rounded input.
+    q, scale, low = quantize_int4(w)
+    s16, z16 = scale.bfloat16().float(), (low + 8 * scale).bfloat16().float()
+    w_int4 = ((q.float().view(64, 4, 32) - 8) * s16[..., None] + z16[..., None]).view(64, 128)
+    x = torch.randn(10, 128)
+    int4_ref = F.linear(x.bfloat16().float(), w_int4)
+    bf16_ref = F.linear(x.bfloat16(), w.bfloat16()).float()
+    assert not torch.equal(int4_ref.bfloat16().float(), bf16_ref)  # the two paths are told apart
+    with step_shape(num_seqs=2, decoding=True):  # decodes / a verification: int4, one row as in ten
+        y = layer(x)
+        torch.testing.assert_close(y, int4_ref, atol=0.02, rtol=0.01)  # output rounded to bf16
+        assert torch.equal(layer(x[3:4]), y[3:4])
+    with step_shape(num_seqs=8, decoding=True):  # more sequences than int4_seqs: bf16
+        assert torch.equal(layer(x), bf16_ref)
+    with step_shape(num_seqs=1, decoding=False):  # a prompt chunk, however short: bf16
+        assert not torch.allclose(layer(x), y, atol=1e-6)
+    torch.testing.assert_close(layer(x[:2]), int4_ref[:2], atol=0.02, rtol=0.01)  # no step: by rows
+    assert layer.int4_weight.numel() == 64 * 128 // 2  # a quarter of the bf16 bytes
+
+
+def test_default_model_keeps_its_q4_1_weights_as_int4():
+    from pagedllm import LLM
+
+    llm = LLM(device="cpu", max_model_len=256)
+    model = llm.engine.executor.worker.model_runner.model
+    linears = [m for m in model.modules() if hasattr(m, "int4_weight")]
+    assert len(linears) == 4 * model.config.num_hidden_layers and all(m.int4_weight is not None for m in linears)
+    exact = LLM(device="cpu", max_model_len=256, dtype="float32")
+    assert not any(hasattr(m, "int4_weight") for m in exact.engine.executor.worker.model_runner.model.modules())
