@@ -156,11 +156,21 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
         _report_startup_failure(addresses, e)
         sys.exit(1)
     router = _Router(outputs)
-    loop = EngineLoop(engine, router.emit)
-    code = _serve(loop, commands, router, model_facts(engine.model_config))
-    if loop.is_alive():  # marked dead, still ticking: stop it now
-        loop.send(m.Shutdown())
-    loop.join(10.0)
+    # The loop runs on this (the main) thread, the commands and heartbeats on another: torch's CPU kernels
+    # called from a secondary thread ran on 1.3 of 2 cores (docs/CPU.md).
+    loop = EngineLoop(engine, router.emit, start=False)
+    result: list[int] = []
+
+    def serve() -> None:
+        result.append(_serve(loop, commands, router, model_facts(engine.model_config)))
+        if loop.is_alive():  # marked dead, still ticking: stop it now
+            loop.send(m.Shutdown())
+
+    server = threading.Thread(target=serve, name="pagedllm-commands", daemon=True)
+    server.start()
+    loop.run()
+    server.join(10.0)
+    code = result[0] if result else 1
     for sock in (commands, *outputs):
         sock.close()
     ctx.term()

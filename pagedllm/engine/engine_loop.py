@@ -72,9 +72,13 @@ class EngineStepError(RuntimeError):
 
 
 class EngineLoop:
-    """Owns ``engine`` on a thread of its own; ``emit`` is called on that thread with every message."""
+    """Owns ``engine`` on a thread of its own; ``emit`` is called on that thread with every message.
 
-    def __init__(self, engine: LLMEngine, emit: Callable[[EngineMessage], None]) -> None:
+    ``start=False``: no thread; the caller runs the loop on its own thread with ``run()`` (the engine core
+    process does, on its main thread: torch's CPU kernels called from a secondary thread used 1.3 of 2
+    cores there, against 2.0 from the main thread, measured; docs/CPU.md)."""
+
+    def __init__(self, engine: LLMEngine, emit: Callable[[EngineMessage], None], start: bool = True) -> None:
         self.engine = engine
         self._emit = emit
         self._cond = threading.Condition()
@@ -88,8 +92,17 @@ class EngineLoop:
         self._live: dict[str, int] = {}
         # Beam searches added and not yet reported -> their prompt ids (engine thread only).
         self._beam_prompts: dict[str, list[int]] = {}
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
-        self._thread.start()
+        self._done = threading.Event()  # set when the loop has exited
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+            self._thread.start()
+
+    def run(self) -> None:
+        """Run the loop on the calling thread until shutdown or death (``start=False`` only)."""
+        if self._thread is not None:
+            raise RuntimeError("this EngineLoop runs on its own thread")
+        self._run()
 
     def send(self, command: EngineCommand) -> None:
         with self._cond:
@@ -100,7 +113,7 @@ class EngineLoop:
         self._apply(command)  # the loop is gone: the command is refused (adds fail fast)
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._done.is_set()
 
     def stalled_for(self) -> float:
         """Seconds the loop has been busy since it last made progress; 0 while it idles."""
@@ -109,10 +122,19 @@ class EngineLoop:
         return max(time.monotonic() - self.heartbeat, 0.0)
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._done.wait(timeout)
 
     # ---- the loop ------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._done.set()
+
+    def _loop(self) -> None:
         try:
             while self._run_once():
                 pass

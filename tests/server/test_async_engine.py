@@ -309,3 +309,42 @@ def test_abort_before_the_first_token_ends_the_stream_finished_and_empty(toy):
     outputs = asyncio.run(run())
     assert len(outputs) == 1 and outputs[0].finished is True and outputs[0].outputs == []
     assert outputs[0].request_id == "early" and outputs[0].prompt_token_ids == [ord("a")]
+
+
+def test_engine_loop_runs_on_the_callers_thread_when_asked():
+    """The engine core process runs the loop on its main thread (``start=False``): the steps happen on the
+    thread that called ``run``, commands sent from another thread reach it, and Shutdown ends ``run``."""
+    from pagedllm.engine import messages as m
+    from pagedllm.engine.engine_loop import EngineLoop
+
+    engine = ToyEngine()
+    stepped_on: set[str] = set()
+    step = engine.step
+
+    def recording_step():
+        stepped_on.add(threading.current_thread().name)
+        return step()
+
+    engine.step = recording_step
+    seen: list = []
+    loop = EngineLoop(engine, seen.append, start=False)
+    assert loop.is_alive()
+
+    def drive():
+        loop.send(m.AddRequest("r", [97, 98], SamplingParams(max_tokens=3)))
+        while not any(isinstance(x, m.RequestOutputs) and any(o.finished for o in x.outputs) for x in seen):
+            time.sleep(0.01)
+        loop.send(m.Shutdown())
+
+    driver = threading.Thread(target=drive, name="driver")
+    driver.start()
+    loop.run()  # returns on Shutdown
+    driver.join(10)
+    assert stepped_on == {threading.current_thread().name} and not loop.is_alive()
+    loop.join(1)
+    threaded = EngineLoop(ToyEngine(), seen.append)
+    with pytest.raises(RuntimeError):
+        threaded.run()  # a loop on its own thread is not run a second time
+    threaded.send(m.Shutdown())
+    threaded.join(10)
+    assert not threaded.is_alive()
