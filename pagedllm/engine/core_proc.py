@@ -162,9 +162,19 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
     result: list[int] = []
 
     def serve() -> None:
-        result.append(_serve(loop, commands, router, model_facts(engine.model_config)))
-        if loop.is_alive():  # marked dead, still ticking: stop it now
-            loop.send(m.Shutdown())
+        code = 1
+        try:
+            code = _serve(loop, commands, router, model_facts(engine.model_config))
+        except BaseException:  # noqa: BLE001 - a crash here must still end the loop, not leave it unreachable
+            logger.exception("the engine process's command thread crashed")
+        finally:
+            result.append(code)
+            if loop.is_alive():  # marked dead, still ticking, or this thread failed: stop it now
+                loop.send(m.Shutdown())
+        loop.join(10.0)
+        if loop.is_alive():  # a step that does not return: exit anyway, as the front ends expect
+            logger.error("the engine loop did not stop within 10 s of shutdown: exiting")
+            os._exit(code or 1)
 
     server = threading.Thread(target=serve, name="pagedllm-commands", daemon=True)
     server.start()

@@ -94,7 +94,8 @@ class CpuBf16LinearMethod(QuantizationMethod):
     ) -> None:
         UnquantizedLinearMethod().create_weights(layer, input_size, output_size, bias, weight_loader)
         layer.weight.data = layer.weight.data.to(torch.bfloat16)
-        if self.int4_seqs and input_size % INT4_GROUP == 0:
+        # The packing kernel takes whole groups of inputs and outputs in multiples of 16.
+        if self.int4_seqs and input_size % INT4_GROUP == 0 and output_size % 16 == 0:
             layer.register_buffer("int4_weight", None, persistent=False)
             layer.register_buffer("int4_scale_zero", None, persistent=False)
             # Codes, scales and minimums of the rows loaded so far (a fused layer loads by shards).
@@ -113,9 +114,15 @@ class CpuBf16LinearMethod(QuantizationMethod):
 
     @staticmethod
     def _stage_int4(layer: nn.Module, loaded_weight: torch.Tensor, span: tuple[int, int]) -> None:
-        """Quantize these rows from the checkpoint's values (not the bf16 copy); pack once all are in."""
+        """Quantize these rows from the checkpoint's values (not the bf16 copy); pack once all are in. Rows
+        that are not on a 4-bit grid (a GGUF whose blocks lack their extreme codes) keep the layer bf16."""
         codes, params = layer.int4_staging
         q, scale, low = quantize_int4(loaded_weight)
+        n, k = q.shape
+        rebuilt = (q.float().view(n, k // INT4_GROUP, INT4_GROUP) * scale[..., None] + low[..., None]).view(n, k)
+        if not torch.allclose(rebuilt, loaded_weight.float(), rtol=1e-5, atol=1e-7):
+            layer.int4_staging = None  # int4_weight stays None: every step multiplies by the bf16 weight
+            return
         codes.narrow(0, *span).copy_(q)
         params[0].narrow(0, *span).copy_(scale)
         params[1].narrow(0, *span).copy_(low)

@@ -36,6 +36,8 @@ from pagedllm.lora.request import LoRARequest
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.sampling_metadata import SamplingMetadata, SamplingState
 
+# The most new tokens per request of a step that counts as decoding (FlatBatch.decoding).
+DECODE_MAX_QUERY = 16
 
 @dataclass
 class CachedRequestState:
@@ -68,7 +70,8 @@ class FlatBatch:
     # Every request samples exactly one token (every decode step): the per-request bookkeeping
     # of the sampled tokens takes its short path.
     one_sample_each: bool = False
-    # Every request's new tokens are past its prompt (decodes, speculative verification): no prompt chunk.
+    # Every request's new tokens are past its prompt and at most DECODE_MAX_QUERY (decodes, speculative
+    # verification): no prompt chunk, no recomputation of a preempted request's outputs.
     decoding: bool = False
     # Speculative decoding: per sampled position (logits_indices order), the draft it verifies,
     # -1 on each request's last position (its bonus token); None when no request has drafts.
@@ -286,7 +289,7 @@ class InputBatch:
             block_tables=self.block_table[rows, :int(self.num_blocks[rows].max())],
             num_sampled_tokens=num_sampled, logits_indices=logits_indices,
             max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()), one_sample_each=one_each,
-            decoding=bool((starts >= self.num_prompt_tokens[rows]).all()))
+            decoding=int(counts.max()) <= DECODE_MAX_QUERY and bool((starts >= self.num_prompt_tokens[rows]).all()))
 
     def _prepare_spec(self, req_ids: list[str], rows: np.ndarray, counts: np.ndarray, block_size: int,
                       spec_tokens: dict[str, list[int]]) -> FlatBatch:

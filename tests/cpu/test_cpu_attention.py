@@ -9,6 +9,9 @@ from pagedllm.attention.torch_ref import TorchAttentionBackend
 from tests.attention.test_torch_ref import HEAD_DIM, MIXED, build_batch, dense_reference
 
 SCALE = HEAD_DIM**-0.5
+# MIXED plus a chunk of more than cpu_sdpa.SHORT_QUERY tokens after cached context (the one-block chunk path;
+# shorter chunks and decodes take the token-by-token path).
+CPU_MIXED = [*MIXED, (20, 17)]
 
 
 def _check_against_dense(out, md, full, atol):
@@ -20,7 +23,7 @@ def _check_against_dense(out, md, full, atol):
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_mixed_batch_matches_dense_and_writes_the_same_cache(block_size):
     """Fresh prefills, chunks after context, decodes of different lengths and 3 padding tokens in one step."""
-    query, key, value, cache, md, full = build_batch(MIXED, block_size, num_blocks=64, num_padding=3)
+    query, key, value, cache, md, full = build_batch(CPU_MIXED, block_size, num_blocks=64, num_padding=3)
     ref_cache = cache.clone()
     out = CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE)
     ref = TorchAttentionBackend().forward(query, key, value, ref_cache, md, SCALE)
@@ -38,7 +41,7 @@ def test_decodes_of_equal_length_need_no_mask():
 
 
 def test_bfloat16_close_to_dense():
-    query, key, value, cache, md, full = build_batch(MIXED, 16, num_blocks=64, dtype=torch.bfloat16)
+    query, key, value, cache, md, full = build_batch(CPU_MIXED, 16, num_blocks=64, dtype=torch.bfloat16)
     out = CpuSdpaAttentionBackend().forward(query, key, value, cache, md, SCALE)
     assert out.dtype == torch.bfloat16
     _check_against_dense(out, md, full, atol=2e-2)

@@ -95,9 +95,10 @@ def test_quantize_int4_recovers_the_q4_1_codes():
     assert torch.equal(q, codes)
     rebuilt = q.float().view(48, 4, 32) * scale[..., None] + low[..., None]
     torch.testing.assert_close(rebuilt.view(48, 128), w, rtol=1e-6, atol=1e-6)
-    # Control: a weight that is not on a 4-bit grid does not come back exactly.
+    # Control: a weight that is not on a 4-bit grid does not come back exactly (its own scale and minimum).
     noisy = w + torch.randn_like(w) * 1e-3
-    assert not torch.allclose(quantize_int4(noisy)[0].float().view(48, 4, 32) * scale[..., None] + low[..., None],
+    nq, nscale, nlow = quantize_int4(noisy)
+    assert not torch.allclose(nq.float().view(48, 4, 32) * nscale[..., None] + nlow[..., None],
                               noisy.view(48, 4, 32), atol=1e-6)
 
 
@@ -154,3 +155,21 @@ def test_default_model_keeps_its_q4_1_weights_as_int4():
     assert len(linears) == 4 * model.config.num_hidden_layers and all(m.int4_weight is not None for m in linears)
     exact = LLM(device="cpu", max_model_len=256, dtype="float32")
     assert not any(hasattr(m, "int4_weight") for m in exact.engine.executor.worker.model_runner.model.modules())
+
+
+def test_int4_only_for_weights_on_a_4bit_grid_and_kernel_shapes():
+    from pagedllm.quantization.base import step_shape
+
+    torch.manual_seed(0)
+    off_grid = RowParallelLinear(128, 64, bias=False, quant_config=CpuBf16Config(int4_seqs=4))
+    w = torch.randn(64, 128)
+    off_grid.weight.weight_loader(off_grid.weight, w)  # a float weight: int4 would change it
+    assert off_grid.int4_weight is None and off_grid.int4_staging is None
+    on_grid, _ = _q4_1(40, 128)
+    narrow = RowParallelLinear(128, 40, bias=False, quant_config=CpuBf16Config(int4_seqs=4))  # 40 % 16 != 0
+    narrow.weight.weight_loader(narrow.weight, on_grid)
+    assert getattr(narrow, "int4_weight", None) is None
+    x = torch.randn(2, 128)
+    with step_shape(num_seqs=1, decoding=True):  # both multiply by their bf16 weight
+        assert torch.equal(off_grid(x), F.linear(x.bfloat16(), w.bfloat16()).float())
+        assert torch.equal(narrow(x), F.linear(x.bfloat16(), on_grid.bfloat16()).float())

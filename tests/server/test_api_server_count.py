@@ -89,7 +89,8 @@ def _stream(base: str, result: dict) -> None:
 
 def test_two_front_ends_share_the_engine_fail_fast_on_its_death_and_die_with_the_parent(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    with server_process(log, *ARGS, "--api-server-count", "2", "--no-exit-on-engine-death") as (proc, base):
+    # No --max-model-len: the front ends learn the model's limit (8192, from the GGUF) from the engine.
+    with server_process(log, "--api-server-count", "2", "--no-exit-on-engine-death") as (proc, base):
         kids = _children(proc.pid)
         assert len(kids["engine"]) == 1 and len(kids["front_end"]) == 1, kids
         engine, front_end = kids["engine"][0], kids["front_end"][0]
@@ -114,7 +115,7 @@ def test_two_front_ends_share_the_engine_fail_fast_on_its_death_and_die_with_the
         # report the engine's limit, and tokenizing / chat templates / detokenizing ran without torch.
         for _ in range(4):
             models = _fresh_get(f"{base}/v1/models").json()["data"]
-            assert [m["max_model_len"] for m in models] == [256], models
+            assert [m["max_model_len"] for m in models] == [8192], models
         with httpx.Client(timeout=60) as client:
             r = client.post(f"{base}/v1/chat/completions", json={
                 "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True})

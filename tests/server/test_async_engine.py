@@ -330,9 +330,13 @@ def test_engine_loop_runs_on_the_callers_thread_when_asked():
     loop = EngineLoop(engine, seen.append, start=False)
     assert loop.is_alive()
 
+    def finished() -> bool:
+        return any(isinstance(x, m.RequestOutputs) and any(o.finished for o in x.outputs) for x in seen)
+
     def drive():
         loop.send(m.AddRequest("r", [97, 98], SamplingParams(max_tokens=3)))
-        while not any(isinstance(x, m.RequestOutputs) and any(o.finished for o in x.outputs) for x in seen):
+        deadline = time.monotonic() + 30  # then Shutdown anyway: the assertions below fail instead of a hang
+        while time.monotonic() < deadline and not finished():
             time.sleep(0.01)
         loop.send(m.Shutdown())
 
@@ -341,6 +345,7 @@ def test_engine_loop_runs_on_the_callers_thread_when_asked():
     loop.run()  # returns on Shutdown
     driver.join(10)
     assert stepped_on == {threading.current_thread().name} and not loop.is_alive()
+    assert finished()
     loop.join(1)
     threaded = EngineLoop(ToyEngine(), seen.append)
     with pytest.raises(RuntimeError):
