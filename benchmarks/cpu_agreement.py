@@ -5,7 +5,10 @@ Two numbers, both models in one run on the default model:
   identical, and the mean share of tokens before the first difference;
 - perplexity of benchmarks/data/ppl_text.txt (prompt logprobs, one pass over the whole text).
 
-    .venv/bin/python benchmarks/cpu_agreement.py [--num-prompts 64] [--max-tokens 32]
+The prompts run as one batch (decode steps of many sequences: bf16 weights) or, with `--alone`, one at a
+time (batch-1 decode steps: a Q4_1 GGUF's int4 weights, what a single user gets).
+
+    .venv/bin/python benchmarks/cpu_agreement.py [--num-prompts 64] [--max-tokens 32] [--alone]
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ def prompts(num: int, seed: int = 0) -> list[str]:
     return [rng.choice(FORMS).format(rng.choice(TOPICS)) for _ in range(num)]
 
 
-def run(dtype: str, texts: list[str], max_tokens: int) -> tuple[list[list[int]], float]:
+def run(dtype: str, texts: list[str], max_tokens: int, alone: bool = False) -> tuple[list[list[int]], float]:
     from pagedllm import LLM, SamplingParams
 
     llm = LLM(device="cpu", dtype=dtype, max_model_len=1024)
-    greedy = llm.generate(texts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                          use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    if alone:
+        greedy = [llm.generate(t, params, use_tqdm=False)[0] for t in texts]
+    else:
+        greedy = llm.generate(texts, params, use_tqdm=False)
     with open(TEXT) as f:
         text = f.read()
     out = llm.generate(text, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
@@ -44,10 +50,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--alone", action="store_true", help="one prompt at a time (batch-1 decode steps)")
     args = ap.parse_args()
     texts = prompts(args.num_prompts)
-    ref, ppl_ref = run("float32", texts, args.max_tokens)
-    fast, ppl_fast = run("auto", texts, args.max_tokens)
+    ref, ppl_ref = run("float32", texts, args.max_tokens, args.alone)
+    fast, ppl_fast = run("auto", texts, args.max_tokens, args.alone)
     same = sum(a == b for a, b in zip(ref, fast))
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) / len(a) for a, b in zip(ref, fast)]
     print(f"greedy: {same}/{len(texts)} prompts identical over {args.max_tokens} tokens; "
