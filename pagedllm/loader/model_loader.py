@@ -28,7 +28,6 @@ from pagedllm.loader.resolve import resolve_dtype, resolve_model
 from pagedllm.models.layers.kernels import select_kernels
 from pagedllm.models.registry import get_model_class
 from pagedllm.quantization import checkpoint_quantization, get_quantization_config
-from pagedllm.quantization.base import QuantizationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +66,10 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     model_config.torch_dtype = resolve_dtype(model_config.dtype, hf_config, device)
     model_cls = get_model_class(hf_config)
     hf_quant_config = _checkpoint_quant_config(model_config)
-    quant_config = get_quantization_config(
-        checkpoint_quantization(model_config.quantization, hf_quant_config), hf_quant_config
-    )
-    if model_config.load_format == "gguf":
-        _int4_for_decode_steps(model_config.model, quant_config)
+    method = checkpoint_quantization(model_config.quantization, hf_quant_config)
+    if method == "cpu_bf16" and hf_quant_config is None and model_config.load_format == "gguf":
+        hf_quant_config = _int4_for_decode_steps(model_config.model)
+    quant_config = get_quantization_config(method, hf_quant_config)
     with _default_dtype(model_config.torch_dtype), device:
         model = model_cls(hf_config, attn_backend, quant_config=quant_config)
     select_kernels(model, device)
@@ -99,18 +97,16 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     return model.eval()
 
 
-def _int4_for_decode_steps(path: str, quant_config: QuantizationConfig | None) -> None:
-    """The CPU fast path keeps a Q4_1 GGUF's linear weights as int4 too, for decode steps (cpu_bf16.py)."""
-    from pagedllm.quantization.cpu_bf16 import DEFAULT_INT4_SEQS, CpuBf16Config
-
-    if not isinstance(quant_config, CpuBf16Config) or quant_config.int4_seqs:
-        return
+def _int4_for_decode_steps(path: str) -> dict | None:
+    """cpu_bf16's settings for a GGUF: a Q4_1 file's linear weights are kept as int4 too, for decode steps."""
     from pagedllm.loader.gguf_loader import linear_weight_types
+    from pagedllm.quantization.cpu_bf16 import DEFAULT_INT4_SEQS
 
-    if linear_weight_types(path) == {"Q4_1"}:
-        quant_config.int4_seqs = DEFAULT_INT4_SEQS
-        logger.info("CPU fast path: the GGUF's Q4_1 weights also kept as int4 for decode steps of up to %d "
-                    "sequences (bf16 for larger steps and prefills)", DEFAULT_INT4_SEQS)
+    if linear_weight_types(path) != {"Q4_1"}:
+        return None
+    logger.info("CPU fast path: the GGUF's Q4_1 weights also kept as int4 for decode steps of up to %d "
+                "sequences (bf16 for larger steps and prefills)", DEFAULT_INT4_SEQS)
+    return {"int4_seqs": DEFAULT_INT4_SEQS}
 
 
 def _progress(weights: Iterator[tuple[str, torch.Tensor]], total: int) -> Iterator[tuple[str, torch.Tensor]]:

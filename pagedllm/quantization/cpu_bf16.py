@@ -26,10 +26,13 @@ speculative verification: ``StepShape``) multiplies by it; every other step by
 the bf16 weight. The choice is per step, not per matmul size, so a decode and
 the verification of its drafts use the same weights (speculative greedy output
 equals plain greedy output), and a prompt's tokens always go through bf16,
-whether it is prefilled whole or in chunks (a short last chunk included). From a Q4_0/Q4_1 GGUF the 4-bit values are the
-file's own: every block of those formats holds its minimum and maximum code, so
-grouping the dequantized weight by 32 and quantizing it again recovers each code
-exactly (``quantize_int4``); only the scale and zero point round to bf16.
+whether it is prefilled whole or in chunks (a short last chunk included). From a
+Q4_1 GGUF the 4-bit values are the file's own: llama.cpp's Q4_1 blocks hold their
+minimum and maximum code, so grouping the dequantized weight by 32 and quantizing
+it again recovers each code exactly (``quantize_int4``; a layer where that fails
+stays bf16); only the scale and zero point round to bf16. Not
+``int_packing.quantize_rtn``: GPTQ's integer zero point cannot hold Q4_1's float
+minimum.
 
     decode step of <= int4_seqs seqs     y = int4pack_mm(x.bf16, Q4, scale|zero).float()
     otherwise                            the bf16 rules above
@@ -63,7 +66,7 @@ INT4_GROUP = 32
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 (n, k) in 0..15, scale (n, k / 32), minimum (n, k / 32)), float32: w ~ codes * scale + min
-    per group of 32 inputs. A group that holds its own minimum and maximum code (every Q4_0 / Q4_1 block does)
+    per group of 32 inputs. A group that holds its own minimum and maximum code (llama.cpp's Q4_1 blocks do)
     gets its codes back exactly."""
     n, k = weight.shape
     groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
@@ -172,7 +175,7 @@ class CpuBf16Config(QuantizationConfig):
     def __init__(self, gemv_rows: int = DEFAULT_GEMV_ROWS, int4_seqs: int = 0) -> None:
         # With native bf16 GEMMs every batch size stays in bf16 (no widening pass).
         self.gemv_rows = 1 << 62 if native_bf16_matmul() else gemv_rows
-        self.int4_seqs = int4_seqs  # 0: no int4 copy; set before the model is built
+        self.int4_seqs = int4_seqs  # 0: no int4 copy (model_loader passes int4_seqs for a Q4_1 GGUF)
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> CpuBf16Config:
