@@ -145,7 +145,9 @@ class CpuSdpaAttentionBackend(AttentionBackend):
             # A fresh prefill attends to its K/V as the cache holds them (rounded to bf16 / fp8), as every
             # later read does: a prompt then gives the same tokens whether its context was computed in this
             # step, in earlier chunks, or found in the prefix cache.
-            key, value = key.to(kv_cache.dtype).to(key.dtype), value.to(kv_cache.dtype).to(value.dtype)
+            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+            if key.dtype != _attention_dtype(query.dtype, kv_cache.dtype):
+                key, value = key.to(query.dtype), value.to(query.dtype)
         for lo, hi in plan.fresh:
             output[lo:hi] = _sdpa(query[lo:hi], key[lo:hi], value[lo:hi], scale, causal=True)
         for lo, hi, reads in plan.chunks:
@@ -279,11 +281,13 @@ def _attend(
     if kv.dtype != kv_cache.dtype:  # fp8 bytes
         kv = kv.view(kv_cache.dtype)
     kv = kv.view(2, reads.n, reads.length, *flat.shape[1:]).transpose(2, 3)  # (2, n, kvh, length, d)
-    if kv.dtype != q.dtype:
-        kv = kv.to(q.dtype)
+    dtype = _attention_dtype(q.dtype, kv.dtype)
+    if kv.dtype != dtype:
+        kv = kv.to(dtype)
     mask = reads.mask if mask is None else mask
-    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != kv.shape[2])
+    out = F.scaled_dot_product_attention(q.to(dtype), kv[0], kv[1], attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != kv.shape[2])
+    return out.to(q.dtype)
 
 
 def _attend_short(
@@ -309,11 +313,20 @@ def _sdpa(
     scale: float,
     causal: bool = False,
 ) -> torch.Tensor:  # (q_len, num_heads, head_dim)
+    dtype = _attention_dtype(q.dtype, k.dtype)
+    # With a batch dimension: 3-d inputs miss SDPA's CPU flash kernel (4x slower at 512 tokens).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype),
+        q.transpose(0, 1)[None].to(dtype), k.transpose(0, 1)[None].to(dtype), v.transpose(0, 1)[None].to(dtype),
         is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1).to(q.dtype)
+
+
+def _attention_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> torch.dtype:
+    """What SDPA computes in: bf16 when K/V are bf16 (the CPU fast path's cache), else the query's dtype
+    (fp8 K/V widen to it). With a bf16 cache the query is rounded to bf16 too: half the bytes through
+    the kernel and no fp32 copy of every context (the output is rounded to bf16 by the o_proj anyway)."""
+    return torch.bfloat16 if kv_dtype == torch.bfloat16 else q_dtype
 
 
 def _tail_causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:

@@ -47,6 +47,20 @@ def test_bfloat16_close_to_dense():
     _check_against_dense(out, md, full, atol=2e-2)
 
 
+def test_fp32_queries_over_a_bf16_cache_attend_in_bf16():
+    """The fast path's mix (fp32 activations, bf16 cache): every kind of sequence attends in bf16, i.e. the
+    query is rounded to bf16 (the same output as a query rounded beforehand); an fp32 cache does not round."""
+    query, key, value, cache, md, full = build_batch(CPU_MIXED, 16, num_blocks=64)
+    half = cache.to(torch.bfloat16)
+    out = CpuSdpaAttentionBackend().forward(query, key, value, half.clone(), md, SCALE)
+    rounded = query.to(torch.bfloat16).float()
+    assert out.dtype == torch.float32
+    assert torch.equal(out, CpuSdpaAttentionBackend().forward(rounded, key, value, half.clone(), md, SCALE))
+    _check_against_dense(out, md, full, atol=2e-2)
+    exact = CpuSdpaAttentionBackend().forward(query, key, value, cache.clone(), md, SCALE)
+    assert not torch.equal(exact, CpuSdpaAttentionBackend().forward(rounded, key, value, cache.clone(), md, SCALE))
+
+
 def test_empty_cache_runs_fresh_prefills_and_rejects_context():
     query, key, value, _, md, full = build_batch([(0, 5), (0, 9)], 4, num_blocks=16)
     out = CpuSdpaAttentionBackend().forward(query, key, value, torch.empty(0), md, SCALE)

@@ -251,6 +251,12 @@ def test_greedy_rows_equal_argmax_of_penalized_logits():
     md = SamplingMetadata.build([SamplingParams(temperature=0.0)] * 64, [[]] * 64, [[]] * 64, {}, None, V, "cpu")
     assert md.all_greedy
     assert torch.equal(Sampler()(logits, md).sampled_token_ids, logits.argmax(dim=-1))
+    # Ties (common with bf16 logits) go to the first maximum, as argmax breaks them.
+    tied = torch.zeros(64, V)
+    for i in range(64):
+        tied[i, [i % V, (i + 17) % V, V - 1 - i % 5]] = 3.0
+    assert torch.equal(Sampler()(tied, md).sampled_token_ids, tied.argmax(dim=-1))
+    assert Sampler()(tied, md).sampled_token_ids.tolist() != (tied.shape[1] - 1 - tied.flip(-1).argmax(-1)).tolist()
 
 
 def test_min_tokens_masks_stop_ids_until_reached():
