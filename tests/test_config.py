@@ -29,3 +29,10 @@ def test_parallel_config_and_cli_flags() -> None:
     with pytest.raises(ValueError, match="quantization: unknown method 'fp4'"):
         EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp4"]))
     assert EngineArgs.from_cli_args(parser.parse_args(["--quantization", "fp8"])).quantization == "fp8"
+
+
+def test_step_token_budget_defaults_to_2048_on_a_cpu_and_8192_on_a_gpu() -> None:
+    assert EngineArgs(device="cpu").scheduler_config(4096).max_num_batched_tokens == 2048
+    assert EngineArgs(device="cuda").scheduler_config(4096).max_num_batched_tokens == 8192
+    assert EngineArgs(device="cpu", max_num_seqs=4000).scheduler_config(4096).max_num_batched_tokens == 4000
+    assert EngineArgs(device="cpu", max_num_batched_tokens=512).scheduler_config(4096).max_num_batched_tokens == 512
