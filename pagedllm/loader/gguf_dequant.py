@@ -9,6 +9,16 @@ measured). Other types go to ``gguf.dequantize``.
     Q4_0  [d f16 | 16 B nibbles]            x = (q - 8) * d      q: low nibbles are elements 0..15,
     Q4_1  [d f16 | m f16 | 16 B nibbles]    x = q * d + m           high nibbles elements 16..31
     Q8_0  [d f16 | 32 x int8]               x = q * d
+
+``int4_parts`` gives the 4-bit types' codes instead of their values: Q4_0, Q4_1 and
+Q4_K as ``codes * scale + low`` per group of 32 (a CPU's int4 kernel multiplies by
+the file's own codes, ``quantization/cpu_bf16.py``). Q4_K (llama.cpp's k-quants,
+``block_q4_K``, 256 values, 144 bytes):
+
+    [d f16 | dmin f16 | scales 12 B: eight 6-bit (sc, m) | 128 B nibbles]
+    sub-block j of 32: x = (d * sc_j) * q - dmin * m_j; bytes 32i..32i+31 hold sub-block 2i in their low
+    nibbles and 2i+1 in their high ones; (sc, m)_j for j < 4: scales[j] & 63, scales[j+4] & 63; else
+    scales[j+4] & 15 | (scales[j-4] >> 6) << 4, scales[j+4] >> 4 | (scales[j] >> 6) << 4
 """
 
 from __future__ import annotations
@@ -16,6 +26,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+# A float tensor from a 4-bit GGUF matrix may carry its codes as this attribute (``int4_parts``'s three arrays as
+# torch tensors; gguf_loader.iter_gguf_weights with int4_codes=True): ``codes * scale + low`` == the tensor.
+INT4_CODES = "gguf_int4_codes"
 
 # Rows dequantized per pass: the temporaries of a pass (a few float32 copies) stay ~4 MB, not a few times the
 # tensor (the 113 MB float32 embedding of SmolLM2 made the load's memory peak).
@@ -61,4 +75,41 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
 
 
 _FAST = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
-_TYPE_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+_TYPE_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
+
+
+def int4_parts(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes uint8 (rows, k) in 0..15, scale (rows, k / 32), low (rows, k / 32) float32) with
+    ``codes * scale + low`` equal to ``dequantize`` bit for bit, for Q4_0, Q4_1 and Q4_K; None for other types."""
+    name = qtype.name
+    if name not in _INT4:
+        return None
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, _TYPE_SIZES[name])
+    codes, scale, low = _INT4[name](blocks)  # (rows, blocks, values), (rows, blocks, groups) x 2
+    return codes.reshape(rows, -1), scale.reshape(rows, -1), low.reshape(rows, -1)
+
+
+def _q4_0_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _scale(blocks, 0)
+    return _nibbles(blocks[..., 2:]), d, -8 * d  # (q - 8) * d == q * d - 8 d: both exact in float32
+
+
+def _q4_1_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _nibbles(blocks[..., 4:]), _scale(blocks, 0), _scale(blocks, 2)
+
+
+def _q4_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d, dmin = _scale(blocks, 0), _scale(blocks, 2)  # (rows, blocks, 1)
+    sc = blocks[..., 4:16]
+    low6 = np.uint8(63)
+    scales = np.concatenate([sc[..., 0:4] & low6, (sc[..., 8:12] & np.uint8(15)) | ((sc[..., 0:4] >> 6) << 4)], -1)
+    mins = np.concatenate([sc[..., 4:8] & low6, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], -1)
+    qs = blocks[..., 16:].reshape(*blocks.shape[:-1], 4, 32)  # 4 x 32 bytes: sub-blocks (2i, 2i + 1)
+    codes = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-2)  # (rows, blocks, 4, 2, 32)
+    return (codes.reshape(*blocks.shape[:-1], 256), d * scales.astype(np.float32),
+            -(dmin * mins.astype(np.float32)))
+
+
+_INT4 = {"Q4_0": _q4_0_parts, "Q4_1": _q4_1_parts, "Q4_K": _q4_k_parts}
+INT4_TYPES = frozenset(_INT4)

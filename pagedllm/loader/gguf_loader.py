@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pagedllm.loader.gguf_dequant import dequantize
+from pagedllm.loader.gguf_dequant import INT4_CODES, dequantize, int4_parts
 from pagedllm.loader.gguf_reader import read_gguf
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,10 @@ def count_gguf_tensors(path: str) -> int:
     return len(read_gguf(path).tensors)
 
 
-def iter_gguf_weights(path: str, hf_config: Any, hf_names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for each GGUF tensor whose HF name is in ``hf_names``."""
+def iter_gguf_weights(path: str, hf_config: Any, hf_names: Iterable[str],
+                      int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for each GGUF tensor whose HF name is in ``hf_names``; with
+    ``int4_codes`` 4-bit matrices also carry their codes (``INT4_CODES``)."""
     check_quant_types(path)
     gguf_file = read_gguf(path)
     arch = gguf_file.metadata["general.architecture"]
@@ -70,13 +72,18 @@ def iter_gguf_weights(path: str, hf_config: Any, hf_names: Iterable[str]) -> Ite
             continue
         weights = dequantize(tensor.data, tensor.tensor_type)
         weights = weights.reshape(tensor.shape)
-        if arch in _PERMUTED_ARCHS and ".attn_q." in tensor.name:
-            weights = _unpermute_rows(weights, num_heads)
-        elif arch in _PERMUTED_ARCHS and ".attn_k." in tensor.name:
-            weights = _unpermute_rows(weights, num_kv_heads)
+        parts = int4_parts(tensor.data, tensor.tensor_type) if int4_codes and len(tensor.shape) == 2 else None
+        heads = (num_heads if ".attn_q." in tensor.name else num_kv_heads if ".attn_k." in tensor.name
+                 else None) if arch in _PERMUTED_ARCHS else None
+        if heads is not None:
+            weights = _unpermute_rows(weights, heads)
+            parts = None if parts is None else tuple(_unpermute_rows(p, heads) for p in parts)
         if not weights.flags.writeable:  # F32 tensors are views of the read-only memory map
             weights = weights.copy()
-        yield hf_name, torch.from_numpy(weights)
+        weights = torch.from_numpy(weights)
+        if parts is not None:
+            setattr(weights, INT4_CODES, tuple(torch.from_numpy(np.ascontiguousarray(p)) for p in parts))
+        yield hf_name, weights
 
 
 def _gguf_to_hf_names(arch: str, num_layers: int, hf_names: Iterable[str]) -> dict[str, str]:

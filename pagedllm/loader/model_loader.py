@@ -83,7 +83,8 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
         names = hf_weight_names(model)
         if hasattr(model, "other_stage_names"):  # pipeline parallel: known, skipped at load
             names += model.other_stage_names(names)
-        weights = iter_gguf_weights(model_config.model, hf_config, names)
+        weights = iter_gguf_weights(model_config.model, hf_config, names,
+                                    int4_codes=bool(getattr(quant_config, "int4_seqs", 0)))
         model.load_weights(_progress(weights, count_gguf_tensors(model_config.model)))
         del weights
         gguf_reader.release()
@@ -98,14 +99,19 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
 
 
 def _int4_for_decode_steps(path: str) -> dict | None:
-    """cpu_bf16's settings for a GGUF: a Q4_1 file's linear weights are kept as int4 too, for decode steps."""
+    """cpu_bf16's settings for a GGUF: the file's 4-bit linear weights (Q4_0, Q4_1, Q4_K) are kept as their
+    int4 codes too, for decode steps."""
+    from pagedllm.loader.gguf_dequant import INT4_TYPES
     from pagedllm.loader.gguf_loader import linear_weight_types
     from pagedllm.quantization.cpu_bf16 import DEFAULT_INT4_SEQS
 
-    if linear_weight_types(path) != {"Q4_1"}:
+    types = linear_weight_types(path)
+    if not types & INT4_TYPES:
         return None
-    logger.info("CPU fast path: the GGUF's Q4_1 weights also kept as int4 for decode steps of up to %d "
-                "sequences (bf16 for larger steps and prefills)", DEFAULT_INT4_SEQS)
+    others = f"; {'/'.join(sorted(types - INT4_TYPES))} layers bf16 only" if types - INT4_TYPES else ""
+    logger.info("CPU fast path: the GGUF's %s weights also kept as int4 for decode steps of up to %d sequences "
+                "(bf16 for larger steps and prefills%s)", "/".join(sorted(types & INT4_TYPES)), DEFAULT_INT4_SEQS,
+                others)
     return {"int4_seqs": DEFAULT_INT4_SEQS}
 
 

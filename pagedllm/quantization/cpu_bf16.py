@@ -26,13 +26,12 @@ speculative verification: ``StepShape``) multiplies by it; every other step by
 the bf16 weight. The choice is per step, not per matmul size, so a decode and
 the verification of its drafts use the same weights (speculative greedy output
 equals plain greedy output), and a prompt's tokens always go through bf16,
-whether it is prefilled whole or in chunks (a short last chunk included). From a
-Q4_1 GGUF the 4-bit values are the file's own: llama.cpp's Q4_1 blocks hold their
-minimum and maximum code, so grouping the dequantized weight by 32 and quantizing
-it again recovers each code exactly (``quantize_int4``; a layer where that fails
-stays bf16); only the scale and zero point round to bf16. Not
-``int_packing.quantize_rtn``: GPTQ's integer zero point cannot hold Q4_1's float
-minimum.
+whether it is prefilled whole or in chunks (a short last chunk included). The
+4-bit values are the file's own: the GGUF loader hands a Q4_0, Q4_1 or Q4_K
+matrix over with its codes, per-32 scales and offsets (``INT4_CODES``,
+``loader/gguf_dequant.int4_parts``: ``codes * scale + low`` is the dequantized
+weight bit for bit), and only the scale and zero point round to bf16. A layer
+loaded without codes (another type, e.g. a Q4_K_M file's Q6_K layers) stays bf16.
 
     decode step of <= int4_seqs seqs     y = int4pack_mm(x.bf16, Q4, scale|zero).float()
     otherwise                            the bf16 rules above
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.loader.gguf_dequant import INT4_CODES
 from pagedllm.quantization.base import (
     QuantizationConfig,
     QuantizationMethod,
@@ -62,19 +62,6 @@ DEFAULT_GEMV_ROWS = 16
 # AVX-512 Xeon (docs/CPU.md): int4 is 4.6x faster than bf16 at 1 row, equal at ~16 rows, 3x slower at 64.
 DEFAULT_INT4_SEQS = 4
 INT4_GROUP = 32
-
-
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 (n, k) in 0..15, scale (n, k / 32), minimum (n, k / 32)), float32: w ~ codes * scale + min
-    per group of 32 inputs. A group that holds its own minimum and maximum code (llama.cpp's Q4_1 blocks do)
-    gets its codes back exactly."""
-    n, k = weight.shape
-    groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = (high - low) / 15
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
-    return codes.view(n, k), scale, low
 
 
 def native_bf16_matmul() -> bool:
@@ -115,17 +102,34 @@ class CpuBf16LinearMethod(QuantizationMethod):
         if param is layer.weight and getattr(layer, "int4_staging", None) is not None:
             self._stage_int4(layer, loaded_weight, output_span or (0, dst.shape[0]))
 
+    def shard(self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
+              out_span: tuple[int, int] | None = None, in_span: tuple[int, int] | None = None) -> torch.Tensor:
+        """The float weight's slice, and the same slice of its int4 codes when it has them (input slices
+        only at group boundaries; elsewhere the slice goes without codes and the layer stays bf16)."""
+        part = super().shard(layer, param, loaded_weight, out_span, in_span)
+        codes = getattr(loaded_weight, INT4_CODES, None)
+        if codes is None or part is loaded_weight:
+            return part
+        if out_span is not None:
+            codes = tuple(t.narrow(0, *out_span) for t in codes)
+        if part.shape[1] != loaded_weight.shape[1]:  # sliced along the inputs
+            if in_span[0] % INT4_GROUP or in_span[1] % INT4_GROUP:
+                return part
+            groups = (in_span[0] // INT4_GROUP, in_span[1] // INT4_GROUP)
+            codes = (codes[0].narrow(1, *in_span), codes[1].narrow(1, *groups), codes[2].narrow(1, *groups))
+        setattr(part, INT4_CODES, codes)
+        return part
+
     @staticmethod
     def _stage_int4(layer: nn.Module, loaded_weight: torch.Tensor, span: tuple[int, int]) -> None:
-        """Quantize these rows from the checkpoint's values (not the bf16 copy); pack once all are in. Rows
-        that are not on a 4-bit grid (a GGUF whose blocks lack their extreme codes) keep the layer bf16."""
-        codes, params = layer.int4_staging
-        q, scale, low = quantize_int4(loaded_weight)
-        n, k = q.shape
-        rebuilt = (q.float().view(n, k // INT4_GROUP, INT4_GROUP) * scale[..., None] + low[..., None]).view(n, k)
-        if not torch.allclose(rebuilt, loaded_weight.float(), rtol=1e-5, atol=1e-7):
+        """Stage these rows' codes (from the checkpoint, ``INT4_CODES``); pack once all are in. Rows loaded
+        without codes keep the layer bf16."""
+        parts = getattr(loaded_weight, INT4_CODES, None)
+        if parts is None:
             layer.int4_staging = None  # int4_weight stays None: every step multiplies by the bf16 weight
             return
+        codes, params = layer.int4_staging
+        q, scale, low = parts
         codes.narrow(0, *span).copy_(q)
         params[0].narrow(0, *span).copy_(scale)
         params[1].narrow(0, *span).copy_(low)

@@ -72,9 +72,18 @@ def test_registered_and_configurable():
         EngineArgs(quantization="int3")
 
 
-# ---- int4 for decode steps (a Q4_1 GGUF's weights) -------------------------------------------------------
+# ---- int4 for decode steps (a GGUF's 4-bit weights) -------------------------------------------------------
+def _with_codes(w: torch.Tensor, packed, qtype) -> torch.Tensor:
+    """``w`` carrying the codes of ``packed`` (what the GGUF loader attaches with int4_codes=True)."""
+    from pagedllm.loader.gguf_dequant import INT4_CODES, int4_parts
+
+    setattr(w, INT4_CODES, tuple(torch.from_numpy(p) for p in int4_parts(packed, qtype)))
+    return w
+
+
 def _q4_1(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 weight as a Q4_1 file dequantizes it, its 4-bit codes) from the gguf package's quantizer."""
+    """(float32 weight as a Q4_1 file dequantizes it, carrying its codes; the codes) from the gguf package's
+    quantizer."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
@@ -83,23 +92,20 @@ def _q4_1(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     packed = quants.quantize(w, GGMLQuantizationType.Q4_1)  # (rows, cols / 32 * 20) bytes
     blocks = packed.reshape(rows, cols // 32, 20)[..., 4:]
     codes = np.concatenate([blocks & 0x0F, blocks >> 4], axis=-1).reshape(rows, cols)  # low nibbles first
-    dequantized = quants.dequantize(packed, GGMLQuantizationType.Q4_1)
-    return torch.from_numpy(dequantized.reshape(rows, cols)), torch.from_numpy(codes.astype(np.uint8))
+    dequantized = torch.from_numpy(quants.dequantize(packed, GGMLQuantizationType.Q4_1).reshape(rows, cols))
+    return _with_codes(dequantized, packed, GGMLQuantizationType.Q4_1), torch.from_numpy(codes.astype(np.uint8))
 
 
-def test_quantize_int4_recovers_the_q4_1_codes():
-    from pagedllm.quantization.cpu_bf16 import quantize_int4
+def _split_with_codes(w: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    from pagedllm.loader.gguf_dequant import INT4_CODES
 
-    w, codes = _q4_1(48, 128)
-    q, scale, low = quantize_int4(w)
-    assert torch.equal(q, codes)
-    rebuilt = q.float().view(48, 4, 32) * scale[..., None] + low[..., None]
-    torch.testing.assert_close(rebuilt.view(48, 128), w, rtol=1e-6, atol=1e-6)
-    # Control: a weight that is not on a 4-bit grid does not come back exactly (its own scale and minimum).
-    noisy = w + torch.randn_like(w) * 1e-3
-    nq, nscale, nlow = quantize_int4(noisy)
-    assert not torch.allclose(nq.float().view(48, 4, 32) * nscale[..., None] + nlow[..., None],
-                              noisy.view(48, 4, 32), atol=1e-6)
+    parts = [t.split(sizes) for t in getattr(w, INT4_CODES)]
+    out = []
+    for i, piece in enumerate(w.split(sizes)):
+        piece = piece.clone()
+        setattr(piece, INT4_CODES, tuple(p[i] for p in parts))
+        out.append(piece)
+    return out
 
 
 def _int4_layer(w: torch.Tensor, fused: bool) -> torch.nn.Module:
@@ -107,7 +113,7 @@ def _int4_layer(w: torch.Tensor, fused: bool) -> torch.nn.Module:
     config = CpuBf16Config(int4_seqs=4)
     if fused:  # loaded by shards, packed once the last shard is in
         layer = QKVParallelLinear(k, 16, num_heads=n // 32, num_kv_heads=n // 64, quant_config=config)
-        q, kk, v = w.split([n // 2, n // 4, n // 4])
+        q, kk, v = _split_with_codes(w, [n // 2, n // 4, n // 4])
         for shard, t in (("k", kk), ("q", q), ("v", v)):
             assert layer.int4_weight is None
             layer.weight.weight_loader(layer.weight, t, shard)
@@ -120,14 +126,15 @@ def _int4_layer(w: torch.Tensor, fused: bool) -> torch.nn.Module:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_int4_weights_serve_decode_steps_and_bf16_the_rest(fused):
+    from pagedllm.loader.gguf_dequant import INT4_CODES
     from pagedllm.quantization.base import step_shape
-    from pagedllm.quantization.cpu_bf16 import quantize_int4
 
     torch.manual_seed(0)
-    w, _ = _q4_1(64, 128)
+    w, codes = _q4_1(64, 128)
     layer = _int4_layer(w, fused)
-    # What the int4 path computes: codes * bf16 scale + bf16 zero, times the bf16-rounded input.
-    q, scale, low = quantize_int4(w)
+    # What the int4 path computes: the file's codes * bf16 scale + bf16 zero, times the bf16-rounded input.
+    q, scale, low = getattr(w, INT4_CODES)
+    assert torch.equal(q, codes)
     s16, z16 = scale.bfloat16().float(), (low + 8 * scale).bfloat16().float()
     w_int4 = ((q.float().view(64, 4, 32) - 8) * s16[..., None] + z16[..., None]).view(64, 128)
     x = torch.randn(10, 128)
@@ -157,13 +164,13 @@ def test_default_model_keeps_its_q4_1_weights_as_int4():
     assert not any(hasattr(m, "int4_weight") for m in exact.engine.executor.worker.model_runner.model.modules())
 
 
-def test_int4_only_for_weights_on_a_4bit_grid_and_kernel_shapes():
+def test_int4_only_for_weights_with_their_codes_and_kernel_shapes():
     from pagedllm.quantization.base import step_shape
 
     torch.manual_seed(0)
     off_grid = RowParallelLinear(128, 64, bias=False, quant_config=CpuBf16Config(int4_seqs=4))
     w = torch.randn(64, 128)
-    off_grid.weight.weight_loader(off_grid.weight, w)  # a float weight: int4 would change it
+    off_grid.weight.weight_loader(off_grid.weight, w)  # a float weight (no codes): int4 would change it
     assert off_grid.int4_weight is None and off_grid.int4_staging is None
     on_grid, _ = _q4_1(40, 128)
     narrow = RowParallelLinear(128, 40, bias=False, quant_config=CpuBf16Config(int4_seqs=4))  # 40 % 16 != 0
@@ -173,3 +180,19 @@ def test_int4_only_for_weights_on_a_4bit_grid_and_kernel_shapes():
     with step_shape(num_seqs=1, decoding=True):  # both multiply by their bf16 weight
         assert torch.equal(off_grid(x), F.linear(x.bfloat16(), w.bfloat16()).float())
         assert torch.equal(narrow(x), F.linear(x.bfloat16(), on_grid.bfloat16()).float())
+
+
+def test_tensor_parallel_slices_carry_their_codes():
+    from pagedllm.loader.gguf_dequant import INT4_CODES
+
+    w, _ = _q4_1(64, 128)
+    layer = RowParallelLinear(128, 64, bias=False, quant_config=CpuBf16Config(int4_seqs=4))
+    method, codes = layer.quant_method, getattr(w, INT4_CODES)
+    rows = method.shard(layer, layer.weight, w, out_span=(16, 32))
+    assert torch.equal(getattr(rows, INT4_CODES)[0], codes[0][16:48])
+    assert torch.equal(getattr(rows, INT4_CODES)[1], codes[1][16:48])
+    cols = method.shard(layer, layer.weight, w, in_span=(64, 64))  # whole groups of 32 inputs
+    assert torch.equal(getattr(cols, INT4_CODES)[0], codes[0][:, 64:])
+    assert torch.equal(getattr(cols, INT4_CODES)[2], codes[2][:, 2:])
+    odd = method.shard(layer, layer.weight, w, in_span=(48, 80))  # splits a group: no codes, the layer stays bf16
+    assert odd.shape == (64, 80) and not hasattr(odd, INT4_CODES)

@@ -16,7 +16,9 @@ def llama_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_gguf(path, hf_model, arch: str, rope_freqs: np.ndarray | None = None,
-               raw_tensor: tuple[str, np.ndarray, gguf.GGMLQuantizationType] | None = None) -> None:
+               raw_tensor: tuple[str, np.ndarray, gguf.GGMLQuantizationType] | None = None,
+               linear_type: gguf.GGMLQuantizationType | None = None) -> None:
+    """``linear_type``: the blocks' matrices (not the embedding / head) quantized to this type."""
     config = hf_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch)
@@ -46,6 +48,9 @@ def write_gguf(path, hf_model, arch: str, rope_freqs: np.ndarray | None = None,
             data = llama_permute(data, config.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:
             data = llama_permute(data, config.num_key_value_heads)
+        if linear_type is not None and gguf_name.startswith("blk.") and data.ndim == 2:
+            writer.add_tensor(gguf_name, quantize(np.ascontiguousarray(data), linear_type), raw_dtype=linear_type)
+            continue
         writer.add_tensor(gguf_name, np.ascontiguousarray(data))
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
@@ -73,3 +78,35 @@ def llama3_rope_freqs(head_dim: int, theta: float, factor: float, low_freq_facto
             smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(factors, dtype=np.float32)
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """A float32 (rows, k) matrix (k a multiple of 256) as llama.cpp's Q4_K blocks (uint8 (rows, k / 256 * 144)),
+    packed from ggml's block_q4_K layout: [d f16 | dmin f16 | 12 B of eight 6-bit (scale, min) | 128 B nibbles];
+    sub-block j of 32 values is x = d * sc_j * q - dmin * m_j (a simple min/max quantizer, not llama.cpp's)."""
+    rows, k = w.shape
+    sub = w.reshape(rows, k // 256, 8, 32).astype(np.float32)
+    low = np.minimum(sub.min(-1), 0)  # x >= -dmin * m with m >= 0
+    spread = (sub.max(-1) - low) / 15
+    d = (spread.max(-1) / 63).astype(np.float16).astype(np.float32)
+    dmin = (-low.min(-1) / 63).astype(np.float16).astype(np.float32)
+    d, dmin = np.where(d > 0, d, 1), np.where(dmin > 0, dmin, 1)
+    sc = np.clip(np.ceil(spread / d[..., None]), 1, 63).astype(np.uint8)
+    m = np.clip(np.round(-low / dmin[..., None]), 0, 63).astype(np.uint8)
+    scale, offset = d[..., None] * sc, dmin[..., None] * m
+    q = np.clip(np.round((sub + offset[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
+    packed = np.zeros((rows, k // 256, 12), dtype=np.uint8)
+    packed[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    packed[..., 4:8] = (m[..., 0:4] & 63) | ((m[..., 4:8] >> 4) << 6)
+    packed[..., 8:12] = (sc[..., 4:8] & 15) | ((m[..., 4:8] & 15) << 4)
+    nibbles = q.reshape(rows, k // 256, 4, 2, 32)  # sub-blocks (2i, 2i + 1) share 32 bytes: low, high nibble
+    qs = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, k // 256, 128)
+    head = np.stack([d, dmin], -1).astype(np.float16).view(np.uint8).reshape(rows, k // 256, 4)
+    return np.concatenate([head, packed, qs], -1).reshape(rows, -1)
+
+
+def quantize(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """``w`` in ``qtype``: the gguf package's quantizer, or ``quantize_q4_k`` (gguf has none for Q4_K)."""
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        return quantize_q4_k(w)
+    return gguf.quants.quantize(w, qtype)
