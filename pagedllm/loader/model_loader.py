@@ -69,6 +69,8 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     method = checkpoint_quantization(model_config.quantization, hf_quant_config)
     if method == "cpu_bf16" and hf_quant_config is None and model_config.load_format == "gguf":
         hf_quant_config = _int4_for_decode_steps(model_config.model)
+    if method == "gguf":
+        _check_gguf_quantization(model_config)
     quant_config = get_quantization_config(method, hf_quant_config)
     with _default_dtype(model_config.torch_dtype), device:
         model = model_cls(hf_config, attn_backend, quant_config=quant_config)
@@ -84,7 +86,7 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
         if hasattr(model, "other_stage_names"):  # pipeline parallel: known, skipped at load
             names += model.other_stage_names(names)
         weights = iter_gguf_weights(model_config.model, hf_config, names,
-                                    int4_codes=bool(getattr(quant_config, "int4_seqs", 0)))
+                                    int4_codes=quant_config is not None and quant_config.needs_int4_codes)
         model.load_weights(_progress(weights, count_gguf_tensors(model_config.model)))
         del weights
         gguf_reader.release()
@@ -96,6 +98,24 @@ def load_model(model_config: ModelConfig, device: torch.device | str, attn_backe
     else:
         raise ValueError(f"load_format must be hf, gguf or dummy after resolution, got {fmt!r}")
     return model.eval()
+
+
+def _check_gguf_quantization(model_config: ModelConfig) -> None:
+    """``--quantization gguf`` needs a GGUF file whose linear layers are all 4-bit types it reads the codes of
+    (dummy weights: random codes)."""
+    from pagedllm.loader.gguf_dequant import INT4_TYPES
+    from pagedllm.loader.gguf_loader import linear_weight_types
+
+    if model_config.load_format == "dummy":
+        return
+    if model_config.load_format != "gguf":
+        raise ValueError(f"quantization gguf needs a GGUF file; {model_config.model!r} loads as "
+                         f"{model_config.load_format}")
+    other = linear_weight_types(model_config.model) - INT4_TYPES
+    if other:
+        raise ValueError(f"quantization gguf: this file's linear layers include {', '.join(sorted(other))}, which "
+                         f"have no 4-bit form here (supported: {', '.join(sorted(INT4_TYPES))}); load it without "
+                         "--quantization gguf (dequantized)")
 
 
 def _int4_for_decode_steps(path: str) -> dict | None:

@@ -26,6 +26,7 @@ QUANTIZATION_METHODS: dict[str, str] = {
     "compressed-tensors": "pagedllm.quantization.w8a8:W8A8Config",  # 8-bit float/int checkpoints of llm-compressor
     "gptq": "pagedllm.quantization.gptq:GptqConfig",  # GPTQ checkpoints (4/8-bit), or 4-bit RTN at load
     "awq": "pagedllm.quantization.gptq:AwqConfig",  # AWQ (GEMM) checkpoints, or 4-bit RTN at load
+    "gguf": "pagedllm.quantization.gptq:GgufConfig",  # a GGUF's Q4_0/Q4_1/Q4_K matrices kept as their codes
 }
 
 # A checkpoint's quantization_config["quant_method"] -> the method that loads it.

@@ -113,6 +113,8 @@ class QuantizationConfig(ABC):
     """A quantization format: reads its settings and gives each linear layer its method."""
 
     name: str = "abstract"
+    # The GGUF loader attaches 4-bit matrices' codes to the float tensors it yields (gguf_dequant.INT4_CODES).
+    needs_int4_codes: bool = False
 
     @classmethod
     @abstractmethod

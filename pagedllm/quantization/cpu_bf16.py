@@ -179,7 +179,8 @@ class CpuBf16Config(QuantizationConfig):
     def __init__(self, gemv_rows: int = DEFAULT_GEMV_ROWS, int4_seqs: int = 0) -> None:
         # With native bf16 GEMMs every batch size stays in bf16 (no widening pass).
         self.gemv_rows = 1 << 62 if native_bf16_matmul() else gemv_rows
-        self.int4_seqs = int4_seqs  # 0: no int4 copy (model_loader passes int4_seqs for a Q4_1 GGUF)
+        self.int4_seqs = int4_seqs  # 0: no int4 copy (model_loader passes int4_seqs for a 4-bit GGUF)
+        self.needs_int4_codes = int4_seqs > 0
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> CpuBf16Config:

@@ -1,11 +1,15 @@
-"""``gptq`` / ``awq``: 4-bit (gptq also 8-bit) weights, one scale and zero point per group of inputs.
+"""``gptq`` / ``awq`` / ``gguf``: 4-bit (gptq also 8-bit) weights, one scale and zero point per group of inputs.
 
-Two ways in, one layout:
+Three ways in, one layout:
 
     a GPTQ or AWQ checkpoint   (``quantization_config.quant_method`` gptq/awq; found without a flag)
         its qweight/qzeros/scales(/g_idx) tensors, converted as each shard arrives
     a float checkpoint with ``--quantization gptq|awq``
         each weight quantized at load, round-to-nearest per group (gptq symmetric, awq with zeros)
+    a GGUF file with ``--quantization gguf``
+        its Q4_0 / Q4_1 / Q4_K blocks' own codes, groups of 32 (``loader/gguf_dequant.int4_parts``:
+        x = code * scale + low, kept as zero = -low / scale), scales and zeros in float32 so that the
+        weight is the file's dequantization to float32 rounding
 
 Every layer keeps its weight as (the formats themselves: int_packing.py)
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.loader.gguf_dequant import INT4_CODES
 from pagedllm.quantization.base import QuantizationConfig, QuantizationMethod, WeightLoader, register_bias
 from pagedllm.quantization.int_packing import (
     dequantize,
@@ -50,8 +55,9 @@ _CHECKPOINT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 class PackedIntLinearMethod(QuantizationMethod):
     """A GPTQ/AWQ layer; see the module docstring for its tensors.
 
-    ``fmt``: the checkpoint's format, "gptq" (``v1``: zeros stored minus one), "awq", or "float" (a float
-    checkpoint quantized on arrival into the same tensors, through an empty ``weight`` placeholder)."""
+    ``fmt``: the checkpoint's format, "gptq" (``v1``: zeros stored minus one), "awq", "float" (a float
+    checkpoint quantized on arrival into the same tensors, through an empty ``weight`` placeholder), or
+    "gguf" (the same placeholder, filled from the codes a GGUF's 4-bit tensor carries)."""
 
     def __init__(self, fmt: str, bits: int, group_size: int, sym: bool, v1: bool = False,
                  act_order: bool = False) -> None:
@@ -72,7 +78,8 @@ class PackedIntLinearMethod(QuantizationMethod):
         groups = input_size // group
         if self._keeps_every_group(layer):  # act-order scatters a group's inputs over the ranks
             groups *= layer.tp_size
-        dtype = torch.get_default_dtype()
+        # GGUF: float32 scales and zeros (zero = -low / scale), so the weight is the file's to fp32 rounding.
+        dtype = torch.float32 if self.fmt == "gguf" else torch.get_default_dtype()
 
         def param(data: torch.Tensor, from_checkpoint: bool) -> nn.Parameter:
             p = nn.Parameter(data, requires_grad=False)
@@ -80,7 +87,7 @@ class PackedIntLinearMethod(QuantizationMethod):
             p.derived_from_weight = not from_checkpoint  # filled by another tensor's loader
             return p
 
-        packed = self.fmt != "float"
+        packed = self.fmt not in ("float", "gguf")
         layer.qweight = param(torch.zeros(input_size // self.pack, output_size, dtype=torch.int32), packed)
         layer.qzeros = param(torch.zeros(groups, output_size, dtype=dtype), packed)
         layer.scales = param(torch.zeros(groups, output_size, dtype=dtype), packed)
@@ -99,6 +106,8 @@ class PackedIntLinearMethod(QuantizationMethod):
         offset, size = output_span if output_span is not None else (0, layer.scales.shape[1])
         if param is layer.bias:
             _copy(param.data.narrow(0, offset, size), loaded_weight, "bias")
+        elif param is getattr(layer, "weight", None) and self.fmt == "gguf":
+            self._load_gguf_codes(layer, loaded_weight, offset, size)
         elif param is getattr(layer, "weight", None):
             self._quantize_float(layer, loaded_weight.to(param.device), offset, size)
         elif param is layer.g_idx:
@@ -178,6 +187,26 @@ class PackedIntLinearMethod(QuantizationMethod):
         layer.qweight.data.narrow(1, offset, size).copy_(pack_rows(codes, self.bits))
         layer.scales.data.narrow(1, offset, size).copy_(scales)
         layer.qzeros.data.narrow(1, offset, size).copy_(zeros)
+
+    def _load_gguf_codes(self, layer: nn.Module, weight: torch.Tensor, offset: int, size: int) -> None:
+        """A GGUF matrix's codes into the packed layout: x = code * scale + low = (code - zero) * scale with
+        zero = -low / scale. A block whose scale is 0 holds ``low`` everywhere: its codes become 0 and its
+        scale 1 (exact: llama.cpp writes such blocks with code 0 anyway)."""
+        parts = getattr(weight, INT4_CODES, None)
+        in_size = layer.g_idx.numel()
+        if parts is None:
+            raise ValueError("quantization gguf: a linear layer's tensor has no 4-bit codes (GGUF Q4_0, Q4_1 or "
+                             "Q4_K needed; other types load without --quantization gguf)")
+        codes, scale, low = (t.to(layer.qweight.device) for t in parts)
+        if codes.shape != (size, in_size):
+            raise ValueError(f"GGUF tensor of shape {tuple(codes.shape)} does not fit {(size, in_size)}")
+        flat = scale == 0
+        if bool(flat.any()):
+            codes = codes.view(size, -1, 32).masked_fill(flat[..., None], 0).view(size, in_size)
+            scale = torch.where(flat, torch.ones_like(scale), scale)
+        layer.qweight.data.narrow(1, offset, size).copy_(pack_rows(codes.T.to(torch.int32), self.bits))
+        layer.scales.data.narrow(1, offset, size).copy_(scale.T)
+        layer.qzeros.data.narrow(1, offset, size).copy_((-low / scale).T)
 
     @torch.no_grad()
     def init_dummy(self, layer: nn.Module, generator: torch.Generator, bound: float) -> None:
@@ -307,3 +336,18 @@ class AwqConfig(_PackedIntConfig):
         if not hf_quant_config.get("zero_point", True):
             raise ValueError("quantization_config: awq zero_point false is not supported; zero points are needed")
         return cls(int(bits), int(group), sym=False, fmt="awq")
+
+
+class GgufConfig(_PackedIntConfig):
+    """A GGUF file's 4-bit linear layers (Q4_0, Q4_1, Q4_K) kept as their codes: groups of 32 inputs, float32
+    scales and zeros; the Triton kernels of gptq/awq multiply them on CUDA. ``--quantization gguf``."""
+
+    name = "gguf"
+    needs_int4_codes = True
+
+    @classmethod
+    def from_config(cls, hf_quant_config: dict[str, Any]) -> GgufConfig:
+        if hf_quant_config.get("quant_method"):
+            raise ValueError(f"quantization gguf loads GGUF files; this checkpoint is "
+                             f"{hf_quant_config['quant_method']!r}")
+        return cls(4, 32, sym=False, fmt="gguf")

@@ -71,3 +71,89 @@ def test_tiny_llama_decode_steps_multiply_by_the_files_codes(tmp_path, qtype):
         torch.testing.assert_close(columns, weight.T, rtol=2e-2, atol=2e-3)
         assert torch.equal(rounded, weight.T.bfloat16().float())
         assert not torch.equal(columns, rounded)
+
+
+# ---- --quantization gguf: the packed 4-bit layout (gptq.py) filled from the file's codes ---------------------
+def _tiny_llama(tmp_path, qtype, name="tiny.gguf"):
+    config = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    path = tmp_path / name
+    write_gguf(path, random_hf_model(config), "llama", linear_type=qtype)
+    return path
+
+
+@pytest.mark.parametrize("qtype", FOUR_BIT, ids=lambda t: t.name)
+def test_quantization_gguf_keeps_the_files_weights(tmp_path, qtype):
+    from tests.models.paged_driver import PagedDriver
+
+    path = _tiny_llama(tmp_path, qtype)
+    packed_config = ModelConfig(model=str(path), dtype="float32", quantization="gguf")
+    packed = load_model(packed_config, torch.device("cpu"), get_backend("torch"))
+    exact = load_model(ModelConfig(model=str(path), dtype="float32"), torch.device("cpu"), get_backend("torch"))
+    exact_modules = dict(exact.named_modules())
+    layers = {n: m for n, m in packed.named_modules() if hasattr(m, "qweight")}
+    assert len(layers) == 4 * 2
+    for name, layer in layers.items():
+        weight = layer.quant_method.dequantized_weight(layer)
+        assert layer.qweight.dtype == torch.int32 and layer.qweight.numel() * 8 == weight.numel()  # 4 bits each
+        torch.testing.assert_close(weight, exact_modules[name].weight, rtol=1e-6, atol=1e-7)
+    prompts = [[3, 14, 15, 92, 65, 35], list(range(40, 53))]
+    ours = PagedDriver(packed, packed_config.hf_config, block_size=4, num_blocks=32).step(list(enumerate(prompts)))
+    ref = PagedDriver(exact, packed_config.hf_config, block_size=4, num_blocks=32).step(list(enumerate(prompts)))
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_quantization_gguf_refuses_what_it_cannot_keep(tmp_path):
+    path = _tiny_llama(tmp_path, Q.Q8_0, "q8.gguf")
+    with pytest.raises(ValueError, match="Q8_0, which have no 4-bit form"):
+        load_model(ModelConfig(model=str(path), quantization="gguf"), torch.device("cpu"), get_backend("torch"))
+    float_dir = tmp_path / "hf"
+    random_hf_model(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2)).save_pretrained(float_dir)
+    with pytest.raises(ValueError, match="quantization gguf needs a GGUF file"):
+        load_model(ModelConfig(model=str(float_dir), quantization="gguf"), torch.device("cpu"),
+                   get_backend("torch"))
+
+
+def test_a_block_of_scale_zero_stays_exact():
+    from pagedllm.loader.gguf_dequant import INT4_CODES
+    from pagedllm.models.layers.linear import RowParallelLinear
+    from pagedllm.quantization import get_quantization_config
+
+    w = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32) * 0.1
+    w[5, :32] = 0.25  # a constant block: Q4_1 stores d = 0, m = 0.25
+    packed = quantize(w, Q.Q4_1)
+    codes = packed.reshape(32, 2, 20).copy()
+    codes[5, 0, 4:] = 0x5A  # codes the file would not write there; with d = 0 they must not matter
+    ref = torch.from_numpy(gguf.dequantize(codes.reshape(32, 40), Q.Q4_1).reshape(32, 64))
+    assert torch.all(ref[5, :32] == ref[5, 0])
+    tensor = ref.clone()
+    setattr(tensor, INT4_CODES, tuple(torch.from_numpy(p) for p in int4_parts(codes.reshape(32, 40), Q.Q4_1)))
+    with torch.device("cpu"):
+        layer = RowParallelLinear(64, 32, quant_config=get_quantization_config("gguf"))
+    layer.weight.weight_loader(layer.weight, tensor)
+    torch.testing.assert_close(layer.quant_method.dequantized_weight(layer), ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 5, 40])  # the in-kernel GEMM (<= 16 rows) and dequantize + cuBLAS
+def test_default_model_quantization_gguf_on_the_gpu(rows):
+    from pagedllm.loader import default_model_path
+
+    path = default_model_path()
+    packed = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf"), torch.device("cuda"),
+                        get_backend("triton"))
+    exact = dict(load_model(ModelConfig(model=path, dtype="float32"), torch.device("cpu"),
+                            get_backend("torch")).named_modules())
+    layers = {n: m for n, m in packed.named_modules() if hasattr(m, "qweight")}
+    assert len(layers) == 4 * 30
+    gen = torch.Generator().manual_seed(rows)
+    for name, layer in list(layers.items())[:12]:
+        weight = exact[name].weight
+        x = torch.randn(rows, weight.shape[1], generator=gen).bfloat16()
+        y = layer(x.cuda()).float().cpu()
+        ref = x.float() @ weight.t()
+        torch.testing.assert_close(y, ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)

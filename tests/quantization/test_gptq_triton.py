@@ -85,6 +85,24 @@ def test_dequantize_kernel_is_exact_and_large_batches_use_it_interpreted(interpr
 
 
 @interpreter_only
+def test_gguf_float32_scales_and_fractional_zeros_interpreted(interpreted) -> None:
+    """``--quantization gguf`` keeps fp32 scales and zeros = -low / scale (not integers) with fp16 or bf16
+    activations: both kernels read them as they read GPTQ's."""
+    gen = torch.Generator().manual_seed(3)
+    k, n = 160, 96
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    scales = torch.rand(k // 32, n, generator=gen) * 0.02 + 0.001
+    zeros = torch.rand(k // 32, n, generator=gen) * 40 - 5  # Q4_1 minimums far from a code
+    packed = (pack_rows(codes, 4), scales, zeros, torch.arange(k, dtype=torch.int32) // 32)
+    dense = _dense(*packed, 4)
+    x = (torch.randn(3, k, generator=gen) * 0.5).half()
+    torch.testing.assert_close(interpreted.gptq_gemm(x, *packed, 4, 32, False).float(), x.float() @ dense.t(),
+                               atol=2e-2, rtol=2e-2)
+    w = interpreted.dequantize_triton(*packed, 4, 32, False, torch.float16)
+    assert torch.equal(w, dense.t().half())
+
+
+@interpreter_only
 def test_kernel_catches_a_wrong_group_interpreted(interpreted) -> None:
     """Negative control: the same act-order weight read as if its groups were in input order differs."""
     packed = _weights(128, 64, 4, 32, True, torch.float32)
