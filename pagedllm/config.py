@@ -47,7 +47,7 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192  # EngineArgs.scheduler_config gives 2048 on a CPU (_default_step_tokens)
     max_model_len: int = 2048
     policy: str = "fcfs"  # fcfs | priority
     preemption_mode: str = "recompute"  # recompute | swap

@@ -35,8 +35,11 @@ mask, not into its query dimension: a verified draft is computed exactly as the
 plain decode at its position would be (speculative decoding's greedy output equals
 plain decoding's, tests/spec_decode), and a decode does not depend on its batch.
 
-Same interface and numerics contract as the reference (softmax in fp32 inside the
-kernel); tests/cpu/test_cpu_attention.py checks it against torch_ref.
+Same interface as the reference; tests/cpu/test_cpu_attention.py checks it against
+torch_ref and checks the guarantees above bit for bit. With an fp32 cache it computes
+in fp32; over a bf16 cache (the CPU fast path) in bf16 (``_attention_dtype``): the
+query is rounded to bf16 and SDPA's bf16 kernel rounds its probabilities before
+multiplying by V (accumulating in fp32).
 """
 
 from __future__ import annotations

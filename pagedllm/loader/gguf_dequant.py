@@ -1,19 +1,20 @@
 """Dequantizing GGUF tensors: the common llama.cpp block formats over whole tensors, the rest through gguf.
 
 gguf's numpy code splits a tensor into groups of rows and loops over them; Q4_0,
-Q4_1 and Q8_0 are done here over whole rows (chunks of them), with the same float32
-arithmetic (bit for bit: tests/test_startup.py checks it). numpy, not torch: a
-torch thread pool on a busy 2-core machine spins instead of working (25x slower
-measured). Other types go to ``gguf.dequantize``.
+Q4_1, Q4_K and Q8_0 are done here over whole rows (chunks of them), with the same
+float32 arithmetic (bit for bit: tests/test_startup.py, tests/loader/test_gguf_int4.py).
+numpy, not torch: a torch thread pool on a busy 2-core machine spins instead of
+working (25x slower measured). Other types go to ``gguf.dequantize``.
 
     Q4_0  [d f16 | 16 B nibbles]            x = (q - 8) * d      q: low nibbles are elements 0..15,
     Q4_1  [d f16 | m f16 | 16 B nibbles]    x = q * d + m           high nibbles elements 16..31
     Q8_0  [d f16 | 32 x int8]               x = q * d
 
-``int4_parts`` gives the 4-bit types' codes instead of their values: Q4_0, Q4_1 and
-Q4_K as ``codes * scale + low`` per group of 32 (a CPU's int4 kernel multiplies by
-the file's own codes, ``quantization/cpu_bf16.py``). Q4_K (llama.cpp's k-quants,
-``block_q4_K``, 256 values, 144 bytes):
+The 4-bit types are decoded once, into ``int4_parts``: codes, and per group of 32
+a scale and a low end, ``x = codes * scale + low`` (Q4_0: low = -8 d; both forms are
+exact in float32). ``dequantize`` multiplies them out; the int4 paths keep the
+codes (``quantization/cpu_bf16.py``, ``--quantization gguf``). Q4_K (llama.cpp's
+k-quants, ``block_q4_K``, 256 values, 144 bytes):
 
     [d f16 | dmin f16 | scales 12 B: eight 6-bit (sc, m) | 128 B nibbles]
     sub-block j of 32: x = (d * sc_j) * q - dmin * m_j; bytes 32i..32i+31 hold sub-block 2i in their low
@@ -23,6 +24,7 @@ the file's own codes, ``quantization/cpu_bf16.py``). Q4_K (llama.cpp's k-quants,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,18 +40,44 @@ _CHUNK_ELEMENTS = 1 << 20
 
 def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
     """float32 ``(rows, elements per row)`` from uint8 ``(rows, bytes per row)`` of GGML type ``qtype``."""
-    fast = _FAST.get(qtype.name)
-    if fast is None:
+    if qtype.name not in _TYPE_SIZES:
         from gguf import dequantize as gguf_dequantize
 
         return gguf_dequantize(data, qtype)
-    rows = data.shape[0]
-    blocks = data.reshape(rows, -1, _TYPE_SIZES[qtype.name])  # (rows, blocks, bytes per block)
-    out = np.empty((rows, blocks.shape[1] * 32), dtype=np.float32)
-    step = max(1, _CHUNK_ELEMENTS // out.shape[1])
-    for start in range(0, rows, step):
-        out[start:start + step] = fast(blocks[start:start + step]).reshape(-1, out.shape[1])
+    out = np.empty((data.shape[0], data.shape[1] // _TYPE_SIZES[qtype.name] * _VALUES[qtype.name]), np.float32)
+    for rows, blocks in _row_chunks(data, qtype.name, out.shape[1]):
+        if qtype.name == "Q8_0":
+            out[rows] = _q8_0(blocks).reshape(-1, out.shape[1])
+            continue
+        codes, scale, low = _INT4[qtype.name](blocks)
+        n = codes.shape[0]
+        groups = codes.reshape(n, -1, 32).astype(np.float32) * scale.reshape(n, -1, 1) + low.reshape(n, -1, 1)
+        out[rows] = groups.reshape(n, -1)
     return out
+
+
+def int4_parts(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(codes uint8 (rows, k) in 0..15, scale (rows, k / 32), low (rows, k / 32) float32) with
+    ``codes * scale + low`` equal to ``dequantize`` bit for bit, for Q4_0, Q4_1 and Q4_K; None for other types."""
+    name = qtype.name
+    if name not in _INT4:
+        return None
+    k = data.shape[1] // _TYPE_SIZES[name] * _VALUES[name]
+    codes = np.empty((data.shape[0], k), np.uint8)
+    scale, low = (np.empty((data.shape[0], k // 32), np.float32) for _ in range(2))
+    for rows, blocks in _row_chunks(data, name, k):
+        c, s, lo = _INT4[name](blocks)  # (rows, blocks, values), (rows, blocks, groups) x 2
+        n = c.shape[0]
+        codes[rows], scale[rows], low[rows] = c.reshape(n, -1), s.reshape(n, -1), lo.reshape(n, -1)
+    return codes, scale, low
+
+
+def _row_chunks(data: np.ndarray, name: str, elements: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, their blocks (rows, blocks, bytes per block)) for passes of about ``_CHUNK_ELEMENTS`` values."""
+    blocks = data.reshape(data.shape[0], -1, _TYPE_SIZES[name])
+    step = max(1, _CHUNK_ELEMENTS // elements)
+    for start in range(0, data.shape[0], step):
+        yield slice(start, start + step), blocks[start:start + step]
 
 
 def _scale(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -62,32 +90,12 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
 
 
-def _q4_0(blocks: np.ndarray) -> np.ndarray:
-    return _scale(blocks, 0) * (_nibbles(blocks[..., 2:]).astype(np.int8) - np.int8(8)).astype(np.float32)
-
-
-def _q4_1(blocks: np.ndarray) -> np.ndarray:
-    return _scale(blocks, 0) * _nibbles(blocks[..., 4:]).astype(np.float32) + _scale(blocks, 2)
-
-
 def _q8_0(blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).astype(np.float32) * _scale(blocks, 0)
 
 
-_FAST = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
-_TYPE_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}
-
-
-def int4_parts(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(codes uint8 (rows, k) in 0..15, scale (rows, k / 32), low (rows, k / 32) float32) with
-    ``codes * scale + low`` equal to ``dequantize`` bit for bit, for Q4_0, Q4_1 and Q4_K; None for other types."""
-    name = qtype.name
-    if name not in _INT4:
-        return None
-    rows = data.shape[0]
-    blocks = data.reshape(rows, -1, _TYPE_SIZES[name])
-    codes, scale, low = _INT4[name](blocks)  # (rows, blocks, values), (rows, blocks, groups) x 2
-    return codes.reshape(rows, -1), scale.reshape(rows, -1), low.reshape(rows, -1)
+_TYPE_SIZES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144}  # bytes per block
+_VALUES = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256}  # values per block
 
 
 def _q4_0_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

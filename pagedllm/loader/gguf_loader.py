@@ -6,6 +6,9 @@
   Names are mapped to HF's with gguf's own ``TensorNameMap``.
 - llama.cpp permutes the rows of Q and K for the "llama" architecture (its
   RoPE pairs adjacent dims, HF's pairs the two halves); we undo it.
+- With ``int4_codes`` (a quantization method that keeps 4-bit weights), a linear
+  layer's Q4_0 / Q4_1 / Q4_K matrix also carries its codes (``INT4_CODES``),
+  rows un-permuted like the values.
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ def check_quant_types(path: str) -> None:
         seen.add(tensor.tensor_type)
 
 
+_HEAD_NAMES = ("token_embd.weight", "output.weight")  # the embedding and the output head
+
+
 def linear_weight_types(path: str) -> set[str]:
     """The GGML types of the file's matrices other than the embedding and the output head (its linear layers)."""
-    return {t.tensor_type.name for t in read_gguf(path).tensors
-            if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight")}
+    return {t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) == 2 and t.name not in _HEAD_NAMES}
 
 
 def count_gguf_tensors(path: str) -> int:
@@ -72,7 +77,9 @@ def iter_gguf_weights(path: str, hf_config: Any, hf_names: Iterable[str],
             continue
         weights = dequantize(tensor.data, tensor.tensor_type)
         weights = weights.reshape(tensor.shape)
-        parts = int4_parts(tensor.data, tensor.tensor_type) if int4_codes and len(tensor.shape) == 2 else None
+        parts = None
+        if int4_codes and len(tensor.shape) == 2 and tensor.name not in _HEAD_NAMES:  # linear layers only
+            parts = int4_parts(tensor.data, tensor.tensor_type)
         heads = (num_heads if ".attn_q." in tensor.name else num_kv_heads if ".attn_k." in tensor.name
                  else None) if arch in _PERMUTED_ARCHS else None
         if heads is not None:

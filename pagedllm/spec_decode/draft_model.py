@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pagedllm.config import ModelConfig
+from pagedllm.models.layers.sampler import greedy_ids
 from pagedllm.spec_decode.config import SpeculativeConfig
 from pagedllm.worker.input_batch import FlatBatch, InputBatch, flat_logits_indices
 from pagedllm.worker.input_buffers import InputBuffers
@@ -153,4 +154,4 @@ class DraftModel:
         hidden = self.model(ids, pos, self.kv_caches, md)
         if not sample:
             return None
-        return self.model.compute_logits(hidden[logits_indices]).argmax(dim=-1).cpu().numpy()
+        return greedy_ids(self.model.compute_logits(hidden[logits_indices])).cpu().numpy()

@@ -37,6 +37,7 @@ from pagedllm.models.layers.sampler import (
     apply_min_p,
     apply_top_k_top_p,
     gather_logprobs,
+    greedy_ids,
     random_sample,
 )
 from pagedllm.worker.sampling_metadata import SamplingMetadata
@@ -58,7 +59,7 @@ def target_probs(logits: torch.Tensor, md: SamplingMetadata) -> tuple[torch.Tens
     if md.grammar_bitmask is not None:  # rows of requests with a grammar (they carry no drafts)
         apply_grammar_bitmask(logits, md.grammar_bitmask, md.grammar_rows)
     logits = apply_logits_processors(logits, md)
-    greedy = logits.argmax(dim=-1)
+    greedy = greedy_ids(logits)
     if md.all_greedy:
         return greedy, None
     temperature = torch.where(md.temperature < _SAMPLING_EPS, 1.0, md.temperature)

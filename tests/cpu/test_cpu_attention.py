@@ -61,6 +61,53 @@ def test_fp32_queries_over_a_bf16_cache_attend_in_bf16():
     assert not torch.equal(exact, CpuSdpaAttentionBackend().forward(rounded, key, value, cache.clone(), md, SCALE))
 
 
+def _metadata(tables, seq_lens, q_lens, block_size):
+    """Metadata of sequences with ``q_lens`` new tokens each, at the end of contexts of ``seq_lens``."""
+    from pagedllm.attention.backend import AttentionMetadata
+
+    slots, starts = [], [0]
+    for table, seq_len, q_len in zip(tables, seq_lens, q_lens, strict=True):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+        starts.append(starts[-1] + q_len)
+    width = max(len(t) for t in tables)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                                    dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), num_actual_tokens=starts[-1],
+        seq_lens_cpu=list(seq_lens), query_start_loc_cpu=starts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_decode_does_not_depend_on_its_batch_and_a_verification_equals_decodes(dtype):
+    """The guarantees cpu_sdpa's padding and one-token queries exist for, bit for bit: a decode alone and
+    beside others of other lengths (past SDPA's 512-key split); a 4-token verification and the 4 decodes at
+    its positions."""
+    gen = torch.Generator().manual_seed(0)
+    block_size, lens = 16, [37, 700, 1100]
+    cache = torch.randn(200, 2, block_size, 2, HEAD_DIM, generator=gen).to(dtype)  # every slot holds a value
+    tables, first = [], 1
+    for n in lens:
+        tables.append(list(range(first, first + -(-n // block_size))))
+        first += len(tables[-1])
+    q = torch.randn(len(lens), 4, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(len(lens), 2, HEAD_DIM, generator=gen) for _ in range(2))
+    backend = CpuSdpaAttentionBackend()
+    batch = backend.forward(q, k, v, cache.clone(), _metadata(tables, lens, [1, 1, 1], block_size), SCALE)
+    for i in range(len(lens)):
+        alone = backend.forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache.clone(),
+                                _metadata(tables[i:i + 1], lens[i:i + 1], [1], block_size), SCALE)
+        assert torch.equal(alone[0], batch[i])
+    table, n = [tables[1]], lens[1]
+    q4, k4, v4 = (torch.randn(4, h, HEAD_DIM, generator=gen) for h in (4, 2, 2))
+    verified_cache = cache.clone()
+    verified = backend.forward(q4, k4, v4, verified_cache, _metadata(table, [n], [4], block_size), SCALE)
+    for j in range(4):
+        decoded = backend.forward(q4[j:j + 1], k4[j:j + 1], v4[j:j + 1], verified_cache.clone(),
+                                  _metadata(table, [n - 3 + j], [1], block_size), SCALE)
+        assert torch.equal(decoded[0], verified[j])
+
+
 def test_empty_cache_runs_fresh_prefills_and_rejects_context():
     query, key, value, _, md, full = build_batch([(0, 5), (0, 9)], 4, num_blocks=16)
     out = CpuSdpaAttentionBackend().forward(query, key, value, torch.empty(0), md, SCALE)
