@@ -148,9 +148,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-# num_seqs only bounds a search: specializing on it (== 1, divisible by 16) would compile a new
-# variant for batches of a new kind in the middle of serving.
-@triton.jit(do_not_specialize=["num_seqs"])
+# num_seqs only bounds a search, and stride_bt is the batch's block-table width: specializing on them
+# (== 1, divisible by 16) would compile a new variant for batches of a new kind in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, kv_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     partial_out_ptr, partial_max_ptr, partial_sum_ptr,

@@ -140,20 +140,19 @@ def test_a_block_of_scale_zero_stays_exact():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows", [1, 5, 40])  # the in-kernel GEMM (<= 16 rows) and dequantize + cuBLAS
-def test_default_model_quantization_gguf_on_the_gpu(rows):
-    from pagedllm.loader import default_model_path
-
-    path = default_model_path()
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
+def test_quantization_gguf_on_the_gpu(tmp_path, rows, qtype):
+    path = str(_tiny_llama(tmp_path, qtype))
     packed = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf"), torch.device("cuda"),
                         get_backend("triton"))
     exact = dict(load_model(ModelConfig(model=path, dtype="float32"), torch.device("cpu"),
                             get_backend("torch")).named_modules())
     layers = {n: m for n, m in packed.named_modules() if hasattr(m, "qweight")}
-    assert len(layers) == 4 * 30
+    assert len(layers) == 4 * 2
     gen = torch.Generator().manual_seed(rows)
-    for name, layer in list(layers.items())[:12]:
+    for name, layer in layers.items():
         weight = exact[name].weight
         x = torch.randn(rows, weight.shape[1], generator=gen).bfloat16()
         y = layer(x.cuda()).float().cpu()
         ref = x.float() @ weight.t()
-        torch.testing.assert_close(y, ref, atol=3e-2 * ref.abs().max().item(), rtol=3e-2)
+        torch.testing.assert_close(y, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
