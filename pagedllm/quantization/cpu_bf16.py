@@ -59,8 +59,9 @@ from pagedllm.quantization.base import (
 # 16 covers batch-1 decode and small decode batches; measured crossover on an AVX2 EPYC: see docs/CPU.md.
 DEFAULT_GEMV_ROWS = 16
 # int4: steps of at most this many sequences (decodes / verifications) use the int4 weights. Measured on an
-# AVX-512 Xeon (docs/CPU.md): int4 is 4.6x faster than bf16 at 1 row, equal at ~16 rows, 3x slower at 64.
-DEFAULT_INT4_SEQS = 4
+# AVX-512 Xeon (docs/CPU.md): SmolLM2's linears in ms at 1 / 4 / 8 / 12 rows, int4 6.8 / 9.2 / 15.1 / 20.7,
+# bf16 22.8 / 23.2 / 23.0 / 23.8; 8 requests decode 148 -> 195 tok/s with 8 instead of 4 here.
+DEFAULT_INT4_SEQS = 8
 INT4_GROUP = 32
 
 

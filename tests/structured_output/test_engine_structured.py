@@ -21,7 +21,7 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     # 14 blocks of 16 tokens cannot hold 6 requests of ~50 tokens: requests are preempted and recomputed.
-    # fp32: the batch-invariance check below holds in fp32; on the CPU fast path a decode step of at most 4
+    # fp32: the batch-invariance check below holds in fp32; on the CPU fast path a decode step of at most 8
     # sequences multiplies by int4 weights and a bigger one by bf16 (docs/CPU.md, "Batch invariance").
     return LLM(device="cpu", dtype="float32", max_model_len=256, num_gpu_blocks_override=14, block_size=16,
                max_num_seqs=6)
