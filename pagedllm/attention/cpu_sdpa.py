@@ -148,9 +148,7 @@ class CpuSdpaAttentionBackend(AttentionBackend):
             # A fresh prefill attends to its K/V as the cache holds them (rounded to bf16 / fp8), as every
             # later read does: a prompt then gives the same tokens whether its context was computed in this
             # step, in earlier chunks, or found in the prefix cache.
-            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
-            if key.dtype != _attention_dtype(query.dtype, kv_cache.dtype):
-                key, value = key.to(query.dtype), value.to(query.dtype)
+            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)  # _sdpa widens fp8 to the query's
         for lo, hi in plan.fresh:
             output[lo:hi] = _sdpa(query[lo:hi], key[lo:hi], value[lo:hi], scale, causal=True)
         for lo, hi, reads in plan.chunks:

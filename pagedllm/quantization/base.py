@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.loader.gguf_dequant import INT4_CODES
+
 # The layer's loader set on each parameter: (param, checkpoint tensor, shard id or None).
 WeightLoader = Callable[..., None]
 
@@ -53,6 +55,24 @@ def step_shape(num_seqs: int, decoding: bool) -> Iterator[None]:
 def current_step_shape() -> StepShape | None:
     """The shape of the step being computed; None outside a model runner's step (a layer called directly)."""
     return _STEP_SHAPE.get()
+
+
+def carry_int4_codes(whole: torch.Tensor, part: torch.Tensor, out_span: tuple[int, int] | None,
+                     in_span: tuple[int, int] | None) -> torch.Tensor:
+    """``part`` (a slice of ``whole``) with the same slice of the GGUF codes ``whole`` carries, if it does
+    (``gguf_dequant.INT4_CODES``); a slice of the inputs that splits a group of 32 goes without them."""
+    codes = getattr(whole, INT4_CODES, None)
+    if codes is None or part is whole:
+        return part
+    if out_span is not None:
+        codes = tuple(t.narrow(0, *out_span) for t in codes)
+    if in_span is not None:
+        if in_span[0] % 32 or in_span[1] % 32:
+            return part
+        groups = (in_span[0] // 32, in_span[1] // 32)
+        codes = (codes[0].narrow(1, *in_span), codes[1].narrow(1, *groups), codes[2].narrow(1, *groups))
+    setattr(part, INT4_CODES, codes)
+    return part
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -97,12 +117,15 @@ class QuantizationMethod(ABC):
         shape (N,) or (N, 1)); a per-tensor scale (one element) is every rank's."""
         if loaded_weight.numel() == 1:
             return loaded_weight
+        whole = loaded_weight
         if out_span is not None:
             loaded_weight = loaded_weight.narrow(0, *out_span)
         full_input = layer.input_size * layer.tp_size
         if in_span is not None and loaded_weight.dim() >= 2 and loaded_weight.shape[1] == full_input:
             loaded_weight = loaded_weight.narrow(1, *in_span)
-        return loaded_weight
+        else:
+            in_span = None
+        return carry_int4_codes(whole, loaded_weight, out_span, in_span)
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

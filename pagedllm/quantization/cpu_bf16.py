@@ -103,24 +103,6 @@ class CpuBf16LinearMethod(QuantizationMethod):
         if param is layer.weight and getattr(layer, "int4_staging", None) is not None:
             self._stage_int4(layer, loaded_weight, output_span or (0, dst.shape[0]))
 
-    def shard(self, layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor,
-              out_span: tuple[int, int] | None = None, in_span: tuple[int, int] | None = None) -> torch.Tensor:
-        """The float weight's slice, and the same slice of its int4 codes when it has them (input slices
-        only at group boundaries; elsewhere the slice goes without codes and the layer stays bf16)."""
-        part = super().shard(layer, param, loaded_weight, out_span, in_span)
-        codes = getattr(loaded_weight, INT4_CODES, None)
-        if codes is None or part is loaded_weight:
-            return part
-        if out_span is not None:
-            codes = tuple(t.narrow(0, *out_span) for t in codes)
-        if part.shape[1] != loaded_weight.shape[1]:  # sliced along the inputs
-            if in_span[0] % INT4_GROUP or in_span[1] % INT4_GROUP:
-                return part
-            groups = (in_span[0] // INT4_GROUP, in_span[1] // INT4_GROUP)
-            codes = (codes[0].narrow(1, *in_span), codes[1].narrow(1, *groups), codes[2].narrow(1, *groups))
-        setattr(part, INT4_CODES, codes)
-        return part
-
     @staticmethod
     def _stage_int4(layer: nn.Module, loaded_weight: torch.Tensor, span: tuple[int, int]) -> None:
         """Stage these rows' codes (from the checkpoint, ``INT4_CODES``); pack once all are in. Rows loaded
